@@ -1,0 +1,123 @@
+"""Structured configs (dataclasses, loaded and merged with omegaconf).
+
+A value of None means "the model folder's default" (its `arvideo.json`), then the built-in
+default below.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from .errors import ConfigError
+
+
+@dataclass
+class ScheduleConfig:
+    """Which chunks are in flight at which noise level."""
+
+    name: str = "diffusion-forcing"  # diffusion-forcing | pipelined | window
+    causal_block_size: int | None = None  # latent frames per chunk
+    ar_step: int | None = None  # 0 = synchronous
+    window_blocks: int | None = None  # sync: chunks denoised together; async: in-flight bound
+    window_size: int = 4  # pipelined: chunks in flight
+    # window mode (bidirectional checkpoints, diffusers' long-video behaviour), in video frames
+    base_num_frames: int | None = None
+    overlap_history: int | None = None
+    addnoise_condition: float = 0.0
+
+
+@dataclass
+class SamplerConfig:
+    name: str | None = None  # unipc | euler
+    steps: int | None = None
+    shift: float | None = None
+    grid: str = "linear"  # linear | magi (euler only)
+
+
+@dataclass
+class CacheConfig:
+    preset: str = "none"
+
+
+@dataclass
+class KVConfig:
+    policy: str | None = None  # full | window | sink-window
+    budget_frames: int | None = None  # latent frames of context kept (bounded policies)
+    commit: str = "clean"  # clean: re-run a finished chunk at the context timestep; last-step: keep its last step's K/V
+    context_noise: float | None = None  # timestep (0..1000) finished chunks are re-run at
+
+
+@dataclass
+class GenerateConfig:
+    """Everything one video needs."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    frames: int = 48
+    seed: int = 0
+    fps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += _valid_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+VALID_KEYS = _valid_keys(GenerateConfig)
+
+
+def build_config(
+    yaml_paths: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    **values: Any,
+) -> GenerateConfig:
+    """Merges YAML files, then `key=value` overrides, then keyword values into a GenerateConfig."""
+    base = OmegaConf.structured(GenerateConfig)
+    try:
+        for path in yaml_paths or []:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            try:
+                loaded = OmegaConf.load(p)
+            except Exception as exc:  # yaml errors carry their own line numbers
+                raise ConfigError(f"cannot read config {p}: {exc}") from exc
+            base = OmegaConf.merge(base, loaded)
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r} is not key=value; valid keys: {', '.join(VALID_KEYS)}")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        if values:
+            base = OmegaConf.merge(base, OmegaConf.create({k: v for k, v in values.items() if v is not None}))
+    except (ConfigAttributeError, ConfigKeyError) as exc:
+        key = getattr(exc, "full_key", None) or str(exc).split("\n")[0]
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(VALID_KEYS)}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config value: {str(exc).splitlines()[0]} (key {exc.full_key})") from exc
+    cfg: GenerateConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    return cfg
+
+
+def to_dict(cfg: GenerateConfig) -> dict[str, Any]:
+    return asdict(cfg)

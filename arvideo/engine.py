@@ -1,0 +1,401 @@
+"""Engine: the tick loop. Streams each chunk's frames out the moment the chunk is clean.
+
+Per tick the schedule names the chunks that take a step (and those to commit); each
+active chunk's own cache policy decides whether it joins the backbone call; the runner
+packs the joining chunks (commits first) into one call against the KV store; the sampler
+advances every active chunk; finished chunks are decoded and handed out. Nothing here is
+model-specific, and nothing holds all frames or all latents: finished chunks are dropped
+once decoded and committed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import CallPlan, WanFamilyBackbone
+from .caching import make_policy_factory
+from .chunk import Chunk
+from .config import GenerateConfig
+from .errors import ConfigError, NonFiniteError
+from .kvstore import KVStore
+from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
+from .samplers import Sampler
+from .schedules import build_schedule
+from .vae import StreamingDecoder
+
+log = logging.getLogger(__name__)
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def chunk_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """Independent CPU generator per (seed, chunk, stream): noise does not depend on the schedule."""
+    mixed = (seed * 1_000_003 + (index + 1) * _GOLDEN + stream * 0x5851F42D4C957F2D) % (2**63 - 1)
+    return torch.Generator(device="cpu").manual_seed(mixed)
+
+
+@dataclass
+class FrameChunk:
+    """A finished chunk: its decoded frames (uint8 [n, H, W, 3]) and clean latents [1, C, f, h, w]."""
+
+    index: int
+    start: int
+    frames: np.ndarray | None
+    latents: torch.Tensor
+
+
+@dataclass
+class StepEvent:
+    """Per-tick callback payload: every chunk that stepped, with its predicted clean latents."""
+
+    tick: int
+    chunks: list[tuple[int, int, torch.Tensor]]  # (chunk index, step taken, x0 [1, C, f, h, w])
+    model_calls: int
+
+
+@dataclass
+class Resolved:
+    """A request with every default filled in and validated."""
+
+    cfg: GenerateConfig
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    channels: int
+    steps: int
+    guidance: float
+    fps: int
+    block: int
+    context_noise: float
+
+
+class Engine:
+    """Generates videos chunk by chunk from a loaded model."""
+
+    def __init__(self, model: ModelBundle, attention: str = "auto") -> None:
+        self.model = model
+        self.backbone = WanFamilyBackbone(model.transformer, attention)
+        self.decoder = StreamingDecoder(model.vae)
+        self.model_calls = 0
+
+    @classmethod
+    def from_folder(cls, path=None, device: str = "cpu", dtype: str = "float32", attention: str = "auto") -> "Engine":
+        return cls(load_model(path, device, dtype), attention)
+
+    # -- request resolution ---------------------------------------------------------------
+    def resolve(self, cfg: GenerateConfig) -> Resolved:
+        d = self.model.defaults
+        tcfg = self.model.transformer.config
+        s, tf = self.model.spatial_factor, self.model.temporal_factor
+        if cfg.frames < 1:
+            raise ConfigError(f"frames must be >= 1, got {cfg.frames}")
+        height = cfg.height or d.get("height", 544)
+        width = cfg.width or d.get("width", 960)
+        unit = s * tcfg.patch_size[1]
+        if height % unit or width % unit:
+            raise ConfigError(
+                f"height and width must be multiples of {unit} (VAE factor {s} x patch {tcfg.patch_size[1]}); "
+                f"got {height}x{width}, try {height // unit * unit or unit}x{width // unit * unit or unit}"
+            )
+        if cfg.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+        sampler = replace(
+            cfg.sampler,
+            name=cfg.sampler.name or d.get("sampler", "unipc"),
+            steps=cfg.sampler.steps or d.get("steps", 30),
+            shift=cfg.sampler.shift if cfg.sampler.shift is not None
+            else d.get("flow_shift", self.model.scheduler_config.get("flow_shift", 8.0)),
+        )
+        sched = replace(
+            cfg.schedule,
+            causal_block_size=cfg.schedule.causal_block_size or d.get("causal_block_size")
+            or max(1, tcfg.num_frame_per_block),
+            ar_step=cfg.schedule.ar_step if cfg.schedule.ar_step is not None else d.get("ar_step", 0),
+            window_blocks=cfg.schedule.window_blocks or d.get("window_blocks"),
+            base_num_frames=cfg.schedule.base_num_frames or d.get("base_num_frames"),
+        )
+        kv = replace(
+            cfg.kv,
+            policy=cfg.kv.policy or d.get("kv_policy", "full"),
+            budget_frames=cfg.kv.budget_frames or d.get("kv_window_latent_frames"),
+            context_noise=cfg.kv.context_noise if cfg.kv.context_noise is not None else d.get("context_noise", 0.0),
+        )
+        if kv.commit not in ("clean", "last-step"):
+            raise ConfigError(f"kv.commit must be 'clean' or 'last-step', got {kv.commit!r}")
+        cfg = replace(cfg, height=height, width=width, sampler=sampler, schedule=sched, kv=kv)
+        latent_frames = (cfg.frames - 1 + tf - 1) // tf + 1
+        guidance = cfg.guidance_scale if cfg.guidance_scale is not None else d.get("guidance_scale", 5.0)
+        return Resolved(
+            cfg, latent_frames, height // s, width // s, tcfg.in_channels, sampler.steps, guidance,
+            cfg.fps or d.get("fps", 24), sched.causal_block_size, float(kv.context_noise),
+        )
+
+    def make_schedule(self, r: Resolved):
+        sc = r.cfg.schedule
+        if sc.name == "diffusion-forcing":
+            return build_schedule(
+                "diffusion-forcing", num_latent_frames=r.latent_frames, steps=r.steps,
+                causal_block_size=r.block, ar_step=sc.ar_step, window_blocks=sc.window_blocks,
+            )
+        if sc.name == "pipelined":
+            return build_schedule(
+                "pipelined", num_latent_frames=r.latent_frames, steps=r.steps, chunk_frames=r.block,
+                window_size=sc.window_size,
+            )
+        raise ConfigError(f"unknown schedule {sc.name!r}; choose diffusion-forcing, pipelined or window")
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode_text(self, r: Resolved, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
+        dtype = DTYPES[r.cfg.dtype]
+        device = self.backbone.device
+        if prompt_embeds is None:
+            enc = require_prompt_encoder(self.model)
+            prompts = [r.cfg.prompt] + ([r.cfg.negative_prompt] if r.guidance > 1 else [])
+            embeds = enc(prompts, device, dtype)
+            prompt_embeds, negative_prompt_embeds = embeds[:1], embeds[1:] if r.guidance > 1 else None
+        elif r.guidance > 1 and negative_prompt_embeds is None:
+            raise ConfigError("guidance_scale > 1 needs negative_prompt_embeds when prompt_embeds are given")
+        text = prompt_embeds if r.guidance <= 1 else torch.cat([prompt_embeds, negative_prompt_embeds])
+        return self.backbone.prepare_text(text.to(device=device, dtype=dtype))
+
+    # -- public API ------------------------------------------------------------------------------
+    def generate(self, cfg: GenerateConfig, **kwargs) -> np.ndarray:
+        """Collects every frame of `stream` (uint8 [frames, H, W, 3])."""
+        parts = [c.frames for c in self.stream(cfg, **kwargs)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
+
+    def stream(
+        self,
+        cfg: GenerateConfig,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback: Callable[[StepEvent], None] | None = None,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> Iterator[FrameChunk]:
+        """Yields finished chunks in order, while generation continues."""
+        r = self.resolve(cfg)
+        text = self.encode_text(r, prompt_embeds, negative_prompt_embeds)
+        if decode:
+            self.decoder.reset()
+        self.model_calls = 0
+        if r.cfg.schedule.name == "window":
+            inner = self._stream_windows(r, text, callback)
+        else:
+            inner = self._stream_chunks(r, text, callback)
+        emitted = 0
+        bar = tqdm(total=r.cfg.frames, unit="frame", disable=not progress, desc="frames")
+        try:
+            for index, start_latent, latents in inner:
+                frames = None
+                if decode:
+                    frames = self.decoder.decode(latents)
+                    frames = frames[: max(0, r.cfg.frames - emitted)]
+                    bar.update(len(frames))
+                start = emitted
+                emitted += len(frames) if frames is not None else 0
+                yield FrameChunk(index, start, frames, latents)
+        finally:
+            bar.close()
+
+    # -- KV-cached chunk streaming --------------------------------------------------------------
+    def _new_chunk(self, r: Resolved, index: int, start: int, end: int, sampler: Sampler, policy_factory) -> Chunk:
+        shape = (1, r.channels, end - start, r.latent_height, r.latent_width)
+        noise = torch.randn(shape, generator=chunk_generator(r.cfg.seed, index), dtype=torch.float32)
+        return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory())
+
+    def chunk_noise(self, cfg: GenerateConfig) -> torch.Tensor:
+        """The initial noise of a whole KV-mode request, [1, C, F, h, w] (for tests and comparisons)."""
+        r = self.resolve(cfg)
+        sched = self.make_schedule(r)
+        parts = []
+        for i in range(sched.num_chunks):
+            s, e = sched.chunk_frames(i)
+            parts.append(torch.randn((1, r.channels, e - s, r.latent_height, r.latent_width),
+                                     generator=chunk_generator(r.cfg.seed, i), dtype=torch.float32))
+        return torch.cat(parts, dim=2)
+
+    def _context_latents(self, r: Resolved, chunk: Chunk) -> torch.Tensor:
+        a = r.context_noise
+        if a <= 0:
+            return chunk.latents
+        eps = torch.randn(chunk.latents.shape, generator=chunk_generator(r.cfg.seed, chunk.index, 1))
+        return chunk.latents * (1.0 - 0.001 * a) + eps.to(chunk.latents.device) * (0.001 * a)
+
+    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback) -> Iterator[tuple[int, int, torch.Tensor]]:
+        sched = self.make_schedule(r)
+        sampler = Sampler(r.cfg.sampler.name, r.steps, r.cfg.sampler.shift, r.cfg.sampler.grid,
+                          self.model.scheduler_config)
+        policy_factory = make_policy_factory(r.cfg.cache.preset, r.steps)
+        lay = self.backbone.kv_layout(r.latent_height, r.latent_width)
+        batch = text.shape[0]
+        kv = r.cfg.kv
+        budget = kv.budget_frames * lay.tokens_per_frame if kv.budget_frames else None
+        store = KVStore(
+            lay.num_layers, batch, lay.heads, lay.head_dim, policy=kv.policy if budget else "full",
+            budget_tokens=budget, scratch_tokens=(sched.max_in_flight + 1) * r.block * lay.tokens_per_frame,
+            dtype=self.backbone.dtype, device=self.backbone.device,
+        )
+        if kv.policy != "full" and budget is None:
+            raise ConfigError(f"KV policy {kv.policy!r} needs kv.budget_frames (latent frames of context)")
+        chunks: dict[int, Chunk] = {}
+        last_step = r.steps - 1
+        t_dtype = sampler.timesteps.dtype
+        for tick_no, tick in enumerate(sched.ticks()):
+            for i, _ in tick.active:
+                if i not in chunks:
+                    s, e = sched.chunk_frames(i)
+                    chunks[i] = self._new_chunk(r, i, s, e, sampler, policy_factory)
+            commits = [chunks.pop(i) for i in tick.commit] if kv.commit == "clean" else []
+            active = [(chunks[i], k) for i, k in tick.active]
+            computing = [
+                c for c, k in active
+                if (kv.commit == "last-step" and k == last_step) or c.policy.should_compute(k, c.latents)
+            ]
+            if computing or commits:
+                members = commits + computing
+                x = torch.cat([self._context_latents(r, c) for c in commits] + [c.latents for c in computing], dim=2)
+                t = torch.cat(
+                    [torch.full((c.num_frames,), r.context_noise, dtype=t_dtype) for c in commits]
+                    + [torch.full((c.num_frames,), sampler.timesteps[c.step].item(), dtype=t_dtype) for c in computing]
+                ).to(x.device)
+                plan = CallPlan(
+                    [c.num_frames for c in members],
+                    torch.cat([torch.arange(c.frame_start, c.frame_end) for c in members]),
+                    commit=len(commits),
+                )
+                v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps)
+                self.model_calls += 1
+                if batch > 1:
+                    v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
+                offsets = np.cumsum([0] + plan.sizes)
+                for j, c in enumerate(members[len(commits):], start=len(commits)):
+                    c.velocity = v[:, :, offsets[j] : offsets[j + 1]]
+                if kv.commit == "clean":
+                    store.commit([(c.index, c.num_frames * lay.tokens_per_frame) for c in commits])
+                else:
+                    done = [c for c in computing if c.step == last_step]
+                    if done and computing[: len(done)] != done:
+                        raise AssertionError("finishing chunks must lead the call")  # pragma: no cover
+                    store.commit([(c.index, c.num_frames * lay.tokens_per_frame) for c in done])
+            events = []
+            for c, k in active:
+                if c.step != k:
+                    raise AssertionError(f"schedule asked chunk {c.index} for step {k}, it is at {c.step}")
+                if c in computing:
+                    vel = c.velocity
+                    c.policy.observe(k, c.latents, vel)
+                else:
+                    vel = c.policy.reuse(k, c.latents)
+                if callback is not None:
+                    events.append((c.index, k, sampler.predict_x0(c.latents, vel, k)))
+                c.latents = sampler.step(c.sampler_state, c.latents, vel, k)
+                c.velocity = None
+                c.step = k + 1
+                if not torch.isfinite(c.latents).all():
+                    raise NonFiniteError(
+                        f"NaN/inf in the latents of chunk {c.index} (latent frames {c.frame_start}-{c.frame_end - 1}) "
+                        f"after step {k}; frames of earlier chunks were already written. Try float32, fewer "
+                        f"guidance, or another seed"
+                    )
+                if c.step == r.steps:
+                    if kv.commit == "last-step":
+                        chunks.pop(c.index)
+                    yield c.index, c.frame_start, c.latents
+            if callback is not None:
+                callback(StepEvent(tick_no, events, self.model_calls))
+
+    # -- window mode (bidirectional checkpoints, diffusers' long-video algorithm) ---------------
+    def _stream_windows(self, r: Resolved, text: torch.Tensor, callback) -> Iterator[tuple[int, int, torch.Tensor]]:
+        from .schedules.diffusion_forcing import timestep_index_matrix
+
+        sc = r.cfg.schedule
+        tf = self.model.temporal_factor
+        block, n_lat = r.block, r.latent_frames
+        sampler = Sampler(r.cfg.sampler.name, r.steps, r.cfg.sampler.shift, r.cfg.sampler.grid,
+                          self.model.scheduler_config)
+        long_video = sc.overlap_history is not None and sc.base_num_frames is not None and r.cfg.frames > sc.base_num_frames
+        if sc.base_num_frames is not None and r.cfg.frames > sc.base_num_frames and sc.overlap_history is None:
+            raise ConfigError("window mode: frames exceed schedule.base_num_frames; set schedule.overlap_history (17 or 37)")
+        base = (sc.base_num_frames - 1) // tf + 1 if long_video else n_lat
+        overlap = (sc.overlap_history - 1) // tf + 1 if long_video else 0
+        if long_video and overlap >= base:
+            raise ConfigError(f"overlap_history ({sc.overlap_history}) must be shorter than base_num_frames")
+        n_iter = 1 + (n_lat - base - 1) // (base - overlap) + 1 if long_video else 1
+        gen = torch.Generator(device="cpu").manual_seed(r.cfg.seed)
+        template = torch.cat([torch.tensor([999]), sampler.timesteps.long(), torch.tensor([0])])
+        batch = text.shape[0]
+        history: torch.Tensor | None = None  # the last `overlap` latent frames, nothing more
+        emitted_latent = 0
+        tick_no = 0
+        for it in range(n_iter):
+            prefix_frames = 0
+            if it == 0:
+                frames_w = base
+            else:
+                prefix = history[:, :, -overlap:]
+                if prefix.shape[2] % block:
+                    prefix = prefix[:, :, : prefix.shape[2] - prefix.shape[2] % block]
+                prefix_frames = prefix.shape[2]
+                finished = it * (base - overlap) + overlap
+                frames_w = min(n_lat - finished + overlap, base)
+            shape = (1, r.channels, frames_w, r.latent_height, r.latent_width)
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.backbone.device)
+            if prefix_frames:
+                latents[:, :, :prefix_frames] = prefix
+            if frames_w % block:
+                # diffusers would leave the tail frames of such a window as pure noise
+                raise ConfigError(
+                    f"window mode: window {it} has {frames_w} latent frames, not a multiple of "
+                    f"causal_block_size={block}; choose frames/base_num_frames/overlap_history so windows divide evenly"
+                )
+            n_blocks = frames_w // block
+            rows = timestep_index_matrix(n_blocks, r.steps, sc.ar_step, num_pre_ready=prefix_frames // block)
+            states = [sampler.new_state() for _ in range(n_blocks)]
+            prev = torch.zeros(n_blocks, dtype=torch.long)
+            if prefix_frames:
+                prev[: prefix_frames // block] = r.steps + 1
+            sizes = [block] * n_blocks
+            for row in rows:
+                t_blocks = template[row]
+                t = t_blocks.repeat_interleave(block)
+                x_in = latents[:, :, : n_blocks * block].clone()
+                if sc.addnoise_condition > 0 and prefix_frames:
+                    a = 0.001 * sc.addnoise_condition
+                    x_in[:, :, :prefix_frames] = x_in[:, :, :prefix_frames] * (1.0 - a) + torch.randn_like(
+                        x_in[:, :, :prefix_frames]) * a
+                    t = t.clone()
+                    t[:prefix_frames] = int(sc.addnoise_condition)
+                plan = CallPlan(sizes if block > 1 else [n_blocks], torch.arange(n_blocks * block),
+                                bidirectional=block == 1)
+                v = self.backbone(x_in.expand(batch, -1, -1, -1, -1), t.to(x_in.device).expand(batch, -1), text,
+                                  plan, None, fps=r.fps)
+                self.model_calls += 1
+                if batch > 1:
+                    v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
+                update = (row != prev) & (row != r.steps + 1)
+                events = []
+                for bi in torch.nonzero(update).flatten().tolist():
+                    k = int(row[bi]) - 1
+                    sl = slice(bi * block, (bi + 1) * block)
+                    if callback is not None:
+                        events.append((bi, k, sampler.predict_x0(latents[:, :, sl], v[:, :, sl], k)))
+                    # a copy: UniPC keeps `sample` for its corrector, and latents is written in place
+                    latents[:, :, sl] = sampler.step(states[bi], latents[:, :, sl].clone(), v[:, :, sl], k)
+                if not torch.isfinite(latents).all():
+                    raise NonFiniteError(f"NaN/inf in window {it} at row {tick_no}; frames of earlier windows were written")
+                prev = row
+                if callback is not None:
+                    callback(StepEvent(tick_no, events, self.model_calls))
+                tick_no += 1
+            new = latents if it == 0 else latents[:, :, overlap:]
+            history = latents if history is None else torch.cat([history, new], dim=2)[:, :, -max(overlap, 1):]
+            yield it, emitted_latent, new
+            emitted_latent += new.shape[2]
+

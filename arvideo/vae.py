@@ -1,0 +1,160 @@
+"""Streaming VAE decode for the Wan family: latent chunks in, uint8 frames out.
+
+diffusers' `AutoencoderKLWan.decode` already runs its decoder one latent frame at a time,
+carrying causal-conv caches (`feat_cache`) from frame to frame, but it clears them at the
+end of every call. `StreamingDecoder` drives the same decoder module with a cache it owns
+and keeps between calls, so a video decoded chunk by chunk (any chunk sizes, in order)
+gives the frames of one whole-video decode, while memory stays that of one latent frame
+plus the caches (two frames per causal conv): nothing of earlier chunks is kept.
+
+Latents here are NORMALISED as the transformer produces them; the un-normalisation and
+the uint8 mapping match diffusers' SkyReels-V2 pipeline and `VideoProcessor` (`pil`
+convention: `round(((x / 2 + 0.5).clamp(0, 1)) * 255)`).
+
+Spatial tiling (`vae.enable_tiling()`) is not used here: each latent frame is decoded whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+from arvideo.errors import ConfigError
+
+__all__ = ["StreamingDecoder", "encode_video", "normalise_latents", "denormalise_latents", "to_uint8"]
+
+
+def _stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/std) as [1, z, 1, 1, 1] tensors, built exactly as diffusers' pipelines build them."""
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(like.device, like.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(like.device, like.dtype)
+    return mean, inv_std
+
+
+def denormalise_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """Transformer-space latents -> VAE-space latents (`latents / (1/std) + mean`, as the pipeline)."""
+    mean, inv_std = _stats(vae, latents)
+    return latents / inv_std + mean
+
+
+def normalise_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-space latents -> transformer-space latents (`(latents - mean) * (1/std)`, as the i2v pipeline)."""
+    mean, inv_std = _stats(vae, latents)
+    return (latents - mean) * inv_std
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Decoder output `[1, 3, F, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]`, rounded like diffusers' `numpy_to_pil`."""
+    x = (video[0] * 0.5 + 0.5).clamp(0, 1)  # [3, F, H, W]
+    x = (x.permute(1, 2, 3, 0).float() * 255).round()
+    # Quantise on the decoder's device so only uint8 crosses to the host.
+    return x.to(torch.uint8).cpu().numpy()
+
+
+def _hook_pre_forward(vae: AutoencoderKLWan) -> None:
+    # Same as diffusers' `apply_forward_hook`: lets accelerate's CPU-offload hook move the VAE in.
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
+
+
+class StreamingDecoder:
+    """Decodes a video's latents chunk by chunk, carrying the causal-conv cache between calls."""
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        if not isinstance(vae, AutoencoderKLWan):
+            raise ConfigError(f"StreamingDecoder needs a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+        self.vae = vae
+        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video: forget the causal cache."""
+        self._feat_map: list = [None] * self._num_convs
+        self._latent_frames_seen = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the causal cache; constant once a video has started, whatever its length."""
+        return sum(t.numel() * t.element_size() for t in self._feat_map if isinstance(t, torch.Tensor))
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (after the first)."""
+        return 2 ** sum(bool(t) for t in self.vae.config.temperal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent pixel along each side."""
+        patch = self.vae.config.patch_size or 1
+        return 2 ** len(self.vae.config.temperal_downsample) * patch
+
+    def frames_for_latents(self, num_latent_frames: int) -> int:
+        """Number of frames a whole video of `num_latent_frames` latent frames decodes to."""
+        if num_latent_frames <= 0:
+            return 0
+        return 1 + (num_latent_frames - 1) * self.temporal_factor
+
+    @property
+    def frames_decoded(self) -> int:
+        """Frames produced since the last `reset()`."""
+        return self.frames_for_latents(self._latent_frames_seen)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents `[1, z, f, h, w]` -> uint8 frames `[n, H, W, 3]`, continuing the current video."""
+        h, w = latents.shape[-2] * self.spatial_factor, latents.shape[-1] * self.spatial_factor
+        # Quantised frame by frame so a chunk's float pixels never exist all at once.
+        frames = [to_uint8(x) for x in self._decode_frames(latents)]
+        return np.concatenate(frames, axis=0) if frames else np.zeros((0, h, w, 3), dtype=np.uint8)
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Like `decode`, but returns the clamped float pixels `[1, 3, n, H, W]` in [-1, 1] on the VAE's device."""
+        return torch.cat(list(self._decode_frames(latents)), dim=2)
+
+    @torch.no_grad()
+    def _decode_frames(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yields `[1, 3, n_i, H, W]` in [-1, 1] for each latent frame, advancing the cache."""
+        if latents.ndim != 5 or latents.shape[0] != 1 or latents.shape[1] != self.vae.config.z_dim:
+            raise ConfigError(
+                f"latents must be [1, {self.vae.config.z_dim}, f, h, w], got {list(latents.shape)}; "
+                "decode one video at a time"
+            )
+        _hook_pre_forward(self.vae)
+        param = next(self.vae.parameters())
+        z = denormalise_latents(self.vae, latents.to(param.device, param.dtype))
+        # post_quant_conv has a 1x1x1 kernel: no temporal context, safe to apply per chunk.
+        x = self.vae.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            out = self.vae.decoder(
+                x[:, :, i : i + 1],
+                feat_cache=self._feat_map,
+                feat_idx=[0],
+                first_chunk=self._latent_frames_seen == 0,
+            )
+            self._latent_frames_seen += 1
+            if self.vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=self.vae.config.patch_size)
+            yield torch.clamp(out, min=-1.0, max=1.0)
+
+
+@torch.no_grad()
+def encode_video(vae: AutoencoderKLWan, frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames `[F, H, W, 3]` -> normalised latents `[1, z, f, h, w]` (posterior mean).
+
+    F must be 1 + 4k: diffusers' encoder reads the first frame, then groups of 4.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ConfigError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    num = frames.shape[0]
+    if (num - 1) % 4 != 0:
+        raise ConfigError(f"encode_video needs 1 + 4k frames, got {num}; trim or pad to {1 + 4 * ((num - 1) // 4)}")
+    param = next(vae.parameters())
+    x = torch.from_numpy(frames).to(param.device).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
+    x = (x.to(param.dtype) / 255.0) * 2.0 - 1.0  # VideoProcessor.preprocess_video convention
+    mean = vae.encode(x).latent_dist.mode()
+    return normalise_latents(vae, mean)

@@ -1,0 +1,183 @@
+"""Analytic shapes-world metrics (world-spec.md, "Metrics"): no network, no download.
+
+Every number here is the spec's, for 64 x 64 frames. Frames of another size are scored with
+the pixel-count thresholds (expected areas, the 20-pixel spurious mass) scaled by H * W / 64^2
+and the 3-pixel smoothness step scaled by the linear size, so an upsampled world video scores
+like the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from arvideo.errors import ArvideoError
+from arvideo.world.captions import OBJECT_COLOURS, SceneSpec, parse_caption
+
+METRICS: tuple[str, ...] = (
+    "adherence",
+    "spurious",
+    "persistence",
+    "smoothness",
+    "background",
+    "flicker",
+)
+CLASSIFY_DISTANCE = 40.0  # RGB distance beyond which a pixel is unclassified
+PRESENT_BOUNDS = (0.4, 2.5)  # present(o, f) := 0.4 A <= mass <= 2.5 A
+SPURIOUS_MASS = 20  # pixels of a non-caption object colour that make a frame spurious
+SMOOTH_STEP = 3.0  # px a present object's centroid may move between consecutive frames
+PERSISTENCE_FRACTION = 0.1  # first / last 10% of frames
+PERSISTENCE_EPS = 0.01
+BACKGROUND_SCALE = 40.0
+_REF_SIZE = 64
+_FLICKER_CHUNK = 256  # frame pairs differenced at once
+
+WORLD_REFERENCE: dict[str, str] = {
+    "adherence": "0.97 (min 0.84)",
+    "spurious": "0.0",
+    "persistence": "0.98 (min 0.88)",
+    "smoothness": ">= 0.997",
+    "background": ">= 0.998",
+    "flicker": "0.99",
+}
+
+
+class MetricsError(ArvideoError, ValueError):
+    """A video or a score table cannot be scored as given."""
+
+
+def expected_area(shape: str, radius: float) -> float:
+    """A(shape, r) in pixels: circle pi r^2, square 4 r^2, triangle (3 sqrt 3 / 4) r^2."""
+    if shape == "circle":
+        return math.pi * radius**2
+    if shape == "square":
+        return 4.0 * radius**2
+    if shape == "triangle":
+        return 3.0 * math.sqrt(3.0) / 4.0 * radius**2
+    raise MetricsError(f"unknown shape {shape!r}: use circle, square or triangle")
+
+
+def _classify(frames: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Nearest palette index per pixel, len(palette) where the distance exceeds 40: [F, H, W]."""
+    # A video holds few distinct colours: classify each distinct colour once, then map back.
+    key = (
+        (frames[..., 0].astype(np.int32) << 16)
+        | (frames[..., 1].astype(np.int32) << 8)
+        | frames[..., 2].astype(np.int32)
+    ).ravel()
+    colours = np.unique(key)  # sorted
+    rgb = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=1)
+    d2 = ((rgb[:, None, :] - palette[None, :, :].astype(np.int64)) ** 2).sum(axis=2)
+    nearest = d2.argmin(axis=1)
+    far = d2[np.arange(len(colours)), nearest] > CLASSIFY_DISTANCE**2
+    colour_label = np.where(far, len(palette), nearest)
+    return colour_label[np.searchsorted(colours, key)].reshape(frames.shape[:3])
+
+
+def score_video(frames: np.ndarray, caption: str | SceneSpec) -> dict[str, float]:
+    """Score a video uint8 [F, H, W, 3] (F >= 2) against its caption.
+
+    Returns adherence, spurious, persistence, smoothness, background and flicker as the spec
+    defines them. Smoothness is 0.0 when no object is present in two consecutive frames (no
+    evidence of smooth motion); a frame with no background-classified pixel scores 0.0 on
+    background; the first / last 10% of frames are the first / last max(1, F // 10).
+    """
+    spec = parse_caption(caption) if isinstance(caption, str) else caption
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise MetricsError(
+            f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}: "
+            "convert with (x * 255).round().clip(0, 255).astype(np.uint8) and channels last"
+        )
+    num_frames, height, width, _ = frames.shape
+    if num_frames < 2:
+        raise MetricsError(f"scoring needs at least 2 frames (motion, flicker), got {num_frames}")
+    area_scale = height * width / _REF_SIZE**2
+    step_scale = math.sqrt(area_scale)
+
+    colour_names = list(OBJECT_COLOURS)
+    palette = np.array([spec.background_rgb] + [OBJECT_COLOURS[c] for c in colour_names])
+    labels = _classify(frames, palette)  # 0 background, 1..8 object colours, 9 unclassified
+    num_labels = len(palette) + 1
+
+    # Per-frame mass and centroid of every label in one pass.
+    frame_ids = np.broadcast_to(np.arange(num_frames)[:, None, None], labels.shape)
+    keys = (frame_ids * num_labels + labels).ravel()
+    size = num_frames * num_labels
+    mass = np.bincount(keys, minlength=size).reshape(num_frames, num_labels)
+    ys, xs = np.mgrid[0:height, 0:width]
+    sum_x = np.bincount(keys, weights=np.broadcast_to(xs, labels.shape).ravel(), minlength=size)
+    sum_y = np.bincount(keys, weights=np.broadcast_to(ys, labels.shape).ravel(), minlength=size)
+    safe = np.maximum(mass, 1)
+    cx = sum_x.reshape(num_frames, num_labels) / safe
+    cy = sum_y.reshape(num_frames, num_labels) / safe
+
+    captioned = [1 + colour_names.index(o.colour) for o in spec.objects]
+    areas = np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * area_scale
+    obj_mass = mass[:, captioned]  # [F, O]
+    present = (obj_mass >= PRESENT_BOUNDS[0] * areas) & (obj_mass <= PRESENT_BOUNDS[1] * areas)
+
+    adherence = float(present.mean())
+
+    others = [k for k in range(1, len(palette)) if k not in captioned]
+    spurious = float((mass[:, others] > SPURIOUS_MASS * area_scale).any(axis=1).mean())
+
+    edge = max(1, int(num_frames * PERSISTENCE_FRACTION))
+    a_first = float(present[:edge].mean())
+    a_last = float(present[-edge:].mean())
+    persistence = min(1.0, (a_last + PERSISTENCE_EPS) / (a_first + PERSISTENCE_EPS))
+
+    both = present[1:] & present[:-1]  # [F - 1, O]
+    moved = np.hypot(np.diff(cx[:, captioned], axis=0), np.diff(cy[:, captioned], axis=0))
+    pairs = int(both.sum())
+    smooth = int((both & (moved <= SMOOTH_STEP * step_scale)).sum())
+    smoothness = smooth / pairs if pairs else 0.0
+
+    bg = labels == 0
+    bg_count = bg.sum(axis=(1, 2))
+    bg_sum = (frames * bg[..., None]).sum(axis=(1, 2), dtype=np.int64)  # [F, 3]
+    bg_mean = bg_sum / np.maximum(bg_count, 1)[:, None]
+    error = np.abs(bg_mean - np.array(spec.background_rgb)).mean(axis=1)
+    per_frame = np.where(bg_count > 0, 1.0 - np.minimum(1.0, error / BACKGROUND_SCALE), 0.0)
+    background = float(per_frame.mean())
+
+    diffs = np.empty(num_frames - 1)
+    for a in range(0, num_frames - 1, _FLICKER_CHUNK):  # chunks bound the int16 copy
+        part = frames[a : a + _FLICKER_CHUNK + 1].astype(np.int16)
+        diffs[a : a + len(part) - 1] = np.abs(np.diff(part, axis=0)).mean(axis=(1, 2, 3))
+    flicker = float(((255.0 - diffs) / 255.0).mean())
+
+    return {
+        "adherence": adherence,
+        "spurious": spurious,
+        "persistence": persistence,
+        "smoothness": smoothness,
+        "background": background,
+        "flicker": flicker,
+    }
+
+
+def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over rows (every row needs every metric)."""
+    if not rows:
+        raise MetricsError("mean_scores needs at least one row of scores")
+    for i, row in enumerate(rows):
+        missing = [m for m in METRICS if m not in row]
+        if missing:
+            raise MetricsError(f"row {i} lacks {', '.join(missing)}: pass rows from score_video")
+    return {m: float(np.mean([row[m] for row in rows])) for m in METRICS}
+
+
+def format_table(rows: list[tuple[str, dict[str, float]]], reference: bool = True) -> str:
+    """Markdown table of named score rows, with the world's own figures as a last row."""
+    lines = [
+        "| run | " + " | ".join(METRICS) + " |",
+        "| --- |" + " --- |" * len(METRICS),
+    ]
+    for name, scores in rows:
+        cells = [f"{scores[m]:.3f}" if m in scores else "-" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if reference:
+        lines.append("| world | " + " | ".join(WORLD_REFERENCE[m] for m in METRICS) + " |")
+    return "\n".join(lines)
