@@ -116,7 +116,7 @@ class Engine:
             causal_block_size=cfg.schedule.causal_block_size or d.get("causal_block_size")
             or max(1, tcfg.num_frame_per_block),
             ar_step=cfg.schedule.ar_step if cfg.schedule.ar_step is not None else d.get("ar_step", 0),
-            window_blocks=cfg.schedule.window_blocks or d.get("window_blocks"),
+            window_blocks=cfg.schedule.window_blocks or d.get("window_blocks"),  # None: derived below
             base_num_frames=cfg.schedule.base_num_frames or d.get("base_num_frames"),
         )
         kv = replace(
@@ -127,6 +127,10 @@ class Engine:
         )
         if kv.commit not in ("clean", "last-step"):
             raise ConfigError(f"kv.commit must be 'clean' or 'last-step', got {kv.commit!r}")
+        if sched.window_blocks is None:
+            # never hold a whole long video in flight: one window = base_num_frames (97, SkyReels' 540P window)
+            base_latent = ((sched.base_num_frames or 97) - 1) // tf + 1
+            sched = replace(sched, window_blocks=max(1, base_latent // sched.causal_block_size))
         cfg = replace(cfg, height=height, width=width, sampler=sampler, schedule=sched, kv=kv)
         latent_frames = (cfg.frames - 1 + tf - 1) // tf + 1
         guidance = cfg.guidance_scale if cfg.guidance_scale is not None else d.get("guidance_scale", 5.0)

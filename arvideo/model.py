@@ -137,12 +137,14 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
         scheduler_config = json.loads(sched_path.read_text())
     encoder = None
     if (root / "text_encoder" / "config.json").is_file():
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        text_encoder = AutoModel.from_pretrained(root / "text_encoder").to(device).eval()
-        if hasattr(text_encoder, "get_encoder") and not hasattr(text_encoder, "encoder"):
-            text_encoder = text_encoder.get_encoder()
+        cls_name = (index.get("text_encoder") or [None, "T5EncoderModel"])[1] or "T5EncoderModel"
+        encoder_cls = getattr(transformers, cls_name, None)
+        if encoder_cls is None:
+            raise ModelFolderError(f"text encoder class {cls_name} (model_index.json) is not in transformers")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+        text_encoder = encoder_cls.from_pretrained(root / "text_encoder").to(device).eval()
         encoder = PromptEncoder(
             tokenizer, text_encoder, int(defaults.get("max_sequence_length", 512)), defaults.get("prompt_grammar")
         )

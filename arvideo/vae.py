@@ -9,7 +9,8 @@ plus the caches (two frames per causal conv): nothing of earlier chunks is kept.
 
 Latents here are NORMALISED as the transformer produces them; the un-normalisation and
 the uint8 mapping match diffusers' SkyReels-V2 pipeline and `VideoProcessor` (`pil`
-convention: `round(((x / 2 + 0.5).clamp(0, 1)) * 255)`).
+convention: `round(((x / 2 + 0.5).clamp(0, 1)) * 255)`; diffusers' `export_to_video`
+truncates instead, which is up to one level darker).
 
 Spatial tiling (`vae.enable_tiling()`) is not used here: each latent frame is decoded whole.
 """

@@ -1,9 +1,8 @@
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: on 2 shared cores, two threads per test process thrash (tiny ops, big overhead)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -181,7 +181,8 @@ def test_preview_holds_the_newest_frame(tmp_path):
 
 def test_multisink_fans_out_to_every_sink(tmp_path):
     frames = smooth_video(3, h=8, w=8)
-    with MultiSink([NpySink(tmp_path / "a.npy"), PngDirSink(tmp_path / "png"), PreviewSink(tmp_path / "p.png")]) as sink:
+    sinks = [NpySink(tmp_path / "a.npy"), PngDirSink(tmp_path / "png"), PreviewSink(tmp_path / "p.png")]
+    with MultiSink(sinks) as sink:
         sink.write(frames)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), frames)
     assert len(list((tmp_path / "png").iterdir())) == 3

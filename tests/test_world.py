@@ -17,6 +17,7 @@ from arvideo.world import (
     SIZES,
     VOCABULARY,
     WORLD_REFERENCE,
+    MetricsError,
     ObjectSpec,
     SceneSpec,
     World,
@@ -168,7 +169,7 @@ def test_inverting_alternate_frames_drops_flicker(intact):
 def test_classification_marks_blends_farther_than_40_as_unclassified():
     palette = np.array([(0, 0, 0), *OBJECT_COLOURS.values()])
     pixels = np.array([[[[0, 0, 0], [230, 40, 40], [115, 20, 20], [30, 20, 20]]]], np.uint8)
-    # black, red, a 50% red/black blend (distance 117 from both), black + (30, 20, 20) (41.2).
+    # black, red, a 50% red/black blend (118 from both), black + (30, 20, 20) (41.2).
     assert _classify(pixels, palette).tolist() == [[[0, 1, 9, 9]]]
     near = np.array([[[[23, 23, 23]]]], np.uint8)  # distance 39.8 from black
     assert _classify(near, palette).tolist() == [[[0]]]
@@ -182,6 +183,18 @@ def test_no_object_present_in_consecutive_frames_scores_smoothness_zero():
     assert scores["adherence"] == 0.0
     assert scores["background"] == 1.0
     assert scores["flicker"] == 1.0
+
+
+def test_mean_scores_averages_rows_and_bad_inputs_raise_metrics_error():
+    rows = [dict.fromkeys(METRICS, 1.0), dict.fromkeys(METRICS, 0.5)]
+    assert mean_scores(rows) == dict.fromkeys(METRICS, 0.75)
+    with pytest.raises(MetricsError, match="at least one row"):
+        mean_scores([])
+    spec = parse_caption("a small red circle on a black background")
+    with pytest.raises(MetricsError, match="uint8"):
+        score_video(np.zeros((4, 64, 64, 3), np.float32), spec)
+    with pytest.raises(MetricsError, match="at least 2 frames"):
+        score_video(np.zeros((1, 64, 64, 3), np.uint8), spec)
 
 
 # --- captions --------------------------------------------------------------------------
@@ -229,7 +242,7 @@ def test_parse_error_names_the_first_offending_word_and_lists_vocabulary():
     message = str(err.value)
     assert "'purple'" in message and "word 3" in message and "character 9" in message
     assert "object colour" in message and "magenta" in message
-    assert "vocabulary: " + " ".join(VOCABULARY) in message
+    assert "Vocabulary: a, and, background, black, blue, circle, cyan, gray, green" in message
 
 
 @pytest.mark.parametrize(
@@ -331,8 +344,16 @@ def test_rendered_centroid_tracks_the_centre_and_stays_in_the_wall_band():
 def test_caption_order_draws_later_objects_on_top():
     spec = parse_caption("a large red square and a small blue circle on a black background")
     world = World(spec, 0)
-    state = world.states(0)[1]
-    # Put the circle's centre pixel in the square's frame by drawing both at the circle centre.
-    world._x0[0], world._y0[0] = state.x, state.y
-    frame = world.frame(0)
-    assert tuple(frame[round(state.y), round(state.x)]) == OBJECT_COLOURS["blue"]
+    # The first frame where the small circle lies wholly inside the large square's area.
+    index = next(
+        i
+        for i in range(20000)
+        if all(abs(a - b) < 9 - 5 for a, b in zip(*[(s.x, s.y) for s in world.states(i)]))
+    )
+    square, circle = world.states(index)
+    frame = world.frame(index)
+    assert tuple(frame[round(circle.y), round(circle.x)]) == OBJECT_COLOURS["blue"]
+    # The square's corner pixel on the far side from the circle stays red.
+    corner_y = round(square.y) + (8 if circle.y < square.y else -8)
+    corner_x = round(square.x) + (8 if circle.x < square.x else -8)
+    assert tuple(frame[corner_y, corner_x]) == OBJECT_COLOURS["red"]

@@ -28,3 +28,47 @@ def tiny_vae(z_dim: int = 4, seed: int = 0) -> AutoencoderKLWan:
         temperal_downsample=[False, True], dropout=0.0,
         latents_mean=[0.1 * i for i in range(z_dim)], latents_std=[1.0 + 0.1 * i for i in range(z_dim)],
     ).eval()
+
+
+def tiny_tokenizer(words):
+    """Word-level tokenizer over `words`, saved/loaded as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in list(words) + [","]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_model_folder(path, *, grammar: str | None = "shapes-v1", defaults: dict | None = None):
+    """A complete diffusers-layout folder with random tiny weights (the engine's test model)."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from arvideo.world import VOCABULARY
+
+    tokenizer = tiny_tokenizer(VOCABULARY)
+    torch.manual_seed(1)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )).eval()
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=tiny_transformer(text_dim=16),
+        vae=tiny_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    import json
+    from pathlib import Path
+
+    arv = {"fps": 16, "height": 32, "width": 32, "causal_block_size": 2, "ar_step": 0, "steps": 3,
+           "guidance_scale": 3.0, "max_sequence_length": 16, "prompt_grammar": grammar}
+    arv.update(defaults or {})
+    (Path(path) / "arvideo.json").write_text(json.dumps(arv))
+    return path

@@ -53,5 +53,7 @@ def open_sink(path: str | Path, fps: int | Fraction, *, crf: int = 18) -> Sink:
         return GifSink(path, float(fps))
     if suffix == ".npy":
         return NpySink(path)
-    hint = " (for PNG frames give a directory such as 'frames/'; PreviewSink writes one PNG)" if suffix == ".png" else ""
+    hint = ""
+    if suffix == ".png":
+        hint = " (for PNG frames give a directory such as 'frames/'; PreviewSink writes one PNG)"
     raise ConfigError(f"unsupported output '{text}': supported are {', '.join(SUPPORTED)}{hint}")

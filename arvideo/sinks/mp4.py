@@ -12,6 +12,7 @@ Choices, and why:
 - ffmpeg's mp4 muxer closes a fragment only when the next frame arrives (it needs the next
   timestamp), and PyAV offers no explicit fragment flush. So after a SIGKILL the file holds
   every frame written except the newest one; `close()` writes that one too.
+- Nothing is written until the first frame arrives (the frame size is not known before).
 - The time base is exactly 1/fps (a Fraction), so frame i is shown at i/fps.
 - yuv420p needs even width and height: an odd side is padded by one pixel, repeating the
   last row/column, so a 63x65 input gives a 64x66 video.

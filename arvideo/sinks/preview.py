@@ -12,7 +12,10 @@ from arvideo.sinks.base import BaseSink
 
 
 class PreviewSink(BaseSink):
-    """Rewrites `path` with the last frame of each write; atomic (temp file + os.replace), so readers never see half a PNG."""
+    """Rewrites `path` with the last frame of each write.
+
+    Atomic (temp file + os.replace), so a viewer polling the file never reads half a PNG.
+    """
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()

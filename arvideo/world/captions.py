@@ -12,6 +12,7 @@ Parsing is case-insensitive, ignores extra whitespace and accepts "an" for "a".
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ VOCABULARY: tuple[str, ...] = tuple(
     )
 )
 
+_WORDS = tuple(w for w in VOCABULARY if w != ",")
 _EXAMPLE = (
     "a small red circle, a large blue square and a medium white triangle on a gray background"
 )
@@ -195,19 +197,16 @@ class _Parser:
         hint = f" {hint}" if hint else ""
         return PromptError(
             f"cannot parse prompt {self.text!r}: found {where}, expected {expected}.{hint} "
-            f"Captions look like {_EXAMPLE!r}; vocabulary: {' '.join(VOCABULARY)} "
-            "('an' is accepted for 'a')."
+            f"Captions look like {_EXAMPLE!r}. Vocabulary: {', '.join(_WORDS)}; plus ',' after "
+            "the first of three objects; 'an' is accepted for 'a'."
         )
 
-    def take(self, choices: tuple[str, ...] | dict, expected: str, hint: str = "") -> str:
+    def take(self, choices: Collection[str], expected: str, hint: str = "") -> str:
         if self.index < len(self.tokens) and self.tokens[self.index].word in choices:
             word = self.tokens[self.index].word
             self.index += 1
             return word
         raise self.fail(expected, hint)
-
-    def peek(self) -> str | None:
-        return self.tokens[self.index].word if self.index < len(self.tokens) else None
 
     def article(self) -> None:
         self.take(("a", "an"), "'a' (or 'an')")

@@ -91,6 +91,9 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 class World:
     """A seeded shapes-world video of unbounded length."""
 
+    spec: SceneSpec
+    seed: int
+
     def __init__(self, spec: SceneSpec, seed: int):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"world seed must be a non-negative integer, got {seed!r}")
