@@ -23,6 +23,7 @@ class Chunk:
     policy: Any
     step: int = 0
     velocity: torch.Tensor | None = field(default=None, repr=False)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)  # last computed step's K/V
 
     @property
     def num_frames(self) -> int:

@@ -9,6 +9,7 @@ once decoded and committed.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -18,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import CallPlan, WanFamilyBackbone
-from .caching import make_policy_factory
+from .caching import PolicyContext, make_policy_factory
 from .chunk import Chunk
 from .config import GenerateConfig
 from .errors import ConfigError, NonFiniteError
 from .kvstore import KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
 from .samplers import Sampler
+from .state import Run, RunState, request_fingerprint
 from .schedules import build_schedule
 from .vae import StreamingDecoder
 
@@ -82,6 +84,7 @@ class Engine:
         self.backbone = WanFamilyBackbone(model.transformer, attention)
         self.decoder = StreamingDecoder(model.vae)
         self.model_calls = 0
+        self._run: Run | None = None
 
     @classmethod
     def from_folder(cls, path=None, device: str = "cpu", dtype: str = "float32", attention: str = "auto") -> "Engine":
@@ -182,37 +185,64 @@ class Engine:
         callback: Callable[[StepEvent], None] | None = None,
         decode: bool = True,
         progress: bool = False,
+        resume: RunState | None = None,
+        on_state: Callable[[Callable[[], RunState]], None] | None = None,
     ) -> Iterator[FrameChunk]:
-        """Yields finished chunks in order, while generation continues."""
+        """Yields finished chunks in order, while generation continues.
+
+        on_state(get) is called each time the caller asks for the next chunk (so the previous
+        one has been written): `get()` snapshots the run; its `emitted_frames` are the frames
+        handed out so far. resume: such a snapshot from an interrupted run of the same request;
+        the continued stream starts at frame `resume.emitted_frames`.
+        """
         r = self.resolve(cfg)
         text = self.encode_text(r, prompt_embeds, negative_prompt_embeds)
+        fingerprint = request_fingerprint(r, self.model.path)
+        if resume is not None:
+            if resume.fingerprint != fingerprint:
+                raise ConfigError("the saved run state belongs to a different request or model; "
+                                  "delete it or repeat the original settings exactly")
+            if r.cfg.schedule.name == "window":
+                raise ConfigError("resume supports the diffusion-forcing and pipelined schedules, not window mode")
         if decode:
             self.decoder.reset()
-        self.model_calls = 0
+            if resume is not None:
+                self.decoder.load_state(resume.decoder)
+        self.model_calls = resume.model_calls if resume is not None else 0
         if r.cfg.schedule.name == "window":
             inner = self._stream_windows(r, text, callback)
         else:
-            inner = self._stream_chunks(r, text, callback)
-        emitted = 0
-        bar = tqdm(total=r.cfg.frames, unit="frame", disable=not progress, desc="frames")
+            inner = self._stream_chunks(r, text, callback, resume)
+        emitted = resume.emitted_frames if resume is not None else 0
+        bar = tqdm(total=r.cfg.frames, initial=emitted, unit="frame", disable=not progress, desc="frames")
+        if resume is not None and resume.pending:
+            inner = itertools.chain([list(resume.pending)], inner)
         try:
-            for index, start_latent, latents in inner:
-                frames = None
-                if decode:
-                    frames = self.decoder.decode(latents)
-                    frames = frames[: max(0, r.cfg.frames - emitted)]
-                    bar.update(len(frames))
-                start = emitted
-                emitted += len(frames) if frames is not None else 0
-                yield FrameChunk(index, start, frames, latents)
+            for finished in inner:
+                for n, (index, latents) in enumerate(finished):
+                    frames = None
+                    if decode:
+                        frames = self.decoder.decode(latents)[: max(0, r.cfg.frames - emitted)]
+                        bar.update(len(frames))
+                    start = emitted
+                    emitted += len(frames) if frames is not None else 0
+                    yield FrameChunk(index, start, frames, latents)
+                    # the caller asked for more, so it has written this chunk: a consistent point
+                    if on_state is not None and self._run is not None:
+                        run, pending = self._run, finished[n + 1 :]
+                        on_state(lambda: run.snapshot(fingerprint, emitted, self.model_calls,
+                                                      self.decoder.state() if decode else None, pending))
         finally:
             bar.close()
+            self._run = None
 
     # -- KV-cached chunk streaming --------------------------------------------------------------
     def _new_chunk(self, r: Resolved, index: int, start: int, end: int, sampler: Sampler, policy_factory) -> Chunk:
         shape = (1, r.channels, end - start, r.latent_height, r.latent_width)
         noise = torch.randn(shape, generator=chunk_generator(r.cfg.seed, index), dtype=torch.float32)
-        return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory())
+        ctx = PolicyContext(index, r.steps, sampler.sigmas, sampler.timesteps, self.backbone.patch_features,
+                            self.backbone.modulation)
+        return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory(ctx))
 
     def chunk_noise(self, cfg: GenerateConfig) -> torch.Tensor:
         """The initial noise of a whole KV-mode request, [1, C, F, h, w] (for tests and comparisons)."""
@@ -232,67 +262,92 @@ class Engine:
         eps = torch.randn(chunk.latents.shape, generator=chunk_generator(r.cfg.seed, chunk.index, 1))
         return chunk.latents * (1.0 - 0.001 * a) + eps.to(chunk.latents.device) * (0.001 * a)
 
-    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _make_store(self, r: Resolved, sched, batch: int) -> KVStore:
+        lay = self.backbone.kv_layout(r.latent_height, r.latent_width)
+        kv = r.cfg.kv
+        if kv.policy != "full" and not kv.budget_frames:
+            raise ConfigError(f"KV policy {kv.policy!r} needs kv.budget_frames (latent frames of context)")
+        budget = kv.budget_frames * lay.tokens_per_frame if kv.policy != "full" else None
+        return KVStore(
+            lay.num_layers, batch, lay.heads, lay.head_dim, policy=kv.policy, budget_tokens=budget,
+            scratch_tokens=(sched.max_in_flight + 1) * r.block * lay.tokens_per_frame,
+            dtype=self.backbone.dtype, device=self.backbone.device,
+        )
+
+    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback, resume: RunState | None):
+        """Yields, once per tick, the (chunk index, clean latents) of chunks finished in it."""
         sched = self.make_schedule(r)
         sampler = Sampler(r.cfg.sampler.name, r.steps, r.cfg.sampler.shift, r.cfg.sampler.grid,
                           self.model.scheduler_config)
-        policy_factory = make_policy_factory(r.cfg.cache.preset, r.steps)
-        lay = self.backbone.kv_layout(r.latent_height, r.latent_width)
+        policy_factory = make_policy_factory(r.cfg.cache.preset, r.steps, self.model.path)
+        tokens_per_frame = self.backbone.kv_layout(r.latent_height, r.latent_width).tokens_per_frame
         batch = text.shape[0]
-        kv = r.cfg.kv
-        budget = kv.budget_frames * lay.tokens_per_frame if kv.budget_frames else None
-        store = KVStore(
-            lay.num_layers, batch, lay.heads, lay.head_dim, policy=kv.policy if budget else "full",
-            budget_tokens=budget, scratch_tokens=(sched.max_in_flight + 1) * r.block * lay.tokens_per_frame,
-            dtype=self.backbone.dtype, device=self.backbone.device,
-        )
-        if kv.policy != "full" and budget is None:
-            raise ConfigError(f"KV policy {kv.policy!r} needs kv.budget_frames (latent frames of context)")
-        chunks: dict[int, Chunk] = {}
+        clean_commit = r.cfg.kv.commit == "clean"
+        keep_kv = policy_factory.may_skip
+        if resume is not None:
+            run = resume.run
+            run.store.to(self.backbone.device)
+        else:
+            run = Run(chunks={}, store=self._make_store(r, sched, batch), next_tick=0)
+        self._run = run
+        chunks, store = run.chunks, run.store
         last_step = r.steps - 1
         t_dtype = sampler.timesteps.dtype
         for tick_no, tick in enumerate(sched.ticks()):
+            if tick_no < run.next_tick:
+                continue
             for i, _ in tick.active:
                 if i not in chunks:
                     s, e = sched.chunk_frames(i)
                     chunks[i] = self._new_chunk(r, i, s, e, sampler, policy_factory)
-            commits = [chunks.pop(i) for i in tick.commit] if kv.commit == "clean" else []
+            commits = [chunks.pop(i) for i in tick.commit] if clean_commit else []
             active = [(chunks[i], k) for i, k in tick.active]
-            computing = [
-                c for c, k in active
-                if (kv.commit == "last-step" and k == last_step) or c.policy.should_compute(k, c.latents)
-            ]
-            if computing or commits:
-                members = commits + computing
-                x = torch.cat([self._context_latents(r, c) for c in commits] + [c.latents for c in computing], dim=2)
+            compute = {
+                c.index: (not clean_commit and k == last_step) or (keep_kv and c.kv is None)
+                or c.policy.should_compute(k, c.latents)
+                for c, k in active
+            }
+            last = max((n for n, (c, _) in enumerate(active) if compute[c.index]), default=-1)
+            members = commits + [c for c, _ in active[: last + 1]]
+            if members:
+                # skipped chunks before the last computed one stay visible through their kept K/V
+                context = {j: c.kv for j, c in enumerate(members) if j >= len(commits) and not compute[c.index]}
+                computed = [c for j, c in enumerate(members) if j not in context]
+                x = torch.cat([self._context_latents(r, c) for c in commits]
+                              + [c.latents for c in computed[len(commits):]], dim=2)
                 t = torch.cat(
                     [torch.full((c.num_frames,), r.context_noise, dtype=t_dtype) for c in commits]
-                    + [torch.full((c.num_frames,), sampler.timesteps[c.step].item(), dtype=t_dtype) for c in computing]
+                    + [torch.full((c.num_frames,), sampler.timesteps[c.step].item(), dtype=t_dtype)
+                       for c in computed[len(commits):]]
                 ).to(x.device)
                 plan = CallPlan(
                     [c.num_frames for c in members],
-                    torch.cat([torch.arange(c.frame_start, c.frame_end) for c in members]),
-                    commit=len(commits),
+                    torch.cat([torch.arange(c.frame_start, c.frame_end) for c in computed]),
+                    commit=len(commits), context=context, keep_kv=keep_kv,
                 )
                 v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps)
                 self.model_calls += 1
                 if batch > 1:
                     v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
-                offsets = np.cumsum([0] + plan.sizes)
-                for j, c in enumerate(members[len(commits):], start=len(commits)):
-                    c.velocity = v[:, :, offsets[j] : offsets[j + 1]]
-                if kv.commit == "clean":
-                    store.commit([(c.index, c.num_frames * lay.tokens_per_frame) for c in commits])
+                offset = 0
+                for c in computed:
+                    c.velocity = v[:, :, offset : offset + c.num_frames]
+                    offset += c.num_frames
+                if keep_kv:
+                    for j, kept in self.backbone.kept_kv.items():
+                        members[j].kv = kept
+                if clean_commit:
+                    store.commit([(c.index, c.num_frames * tokens_per_frame) for c in commits])
                 else:
-                    done = [c for c in computing if c.step == last_step]
-                    if done and computing[: len(done)] != done:
+                    done = [c for c in computed if c.step == last_step]
+                    if computed[: len(done)] != done:
                         raise AssertionError("finishing chunks must lead the call")  # pragma: no cover
-                    store.commit([(c.index, c.num_frames * lay.tokens_per_frame) for c in done])
-            events = []
+                    store.commit([(c.index, c.num_frames * tokens_per_frame) for c in done])
+            events, finished = [], []
             for c, k in active:
                 if c.step != k:
                     raise AssertionError(f"schedule asked chunk {c.index} for step {k}, it is at {c.step}")
-                if c in computing:
+                if compute[c.index]:
                     vel = c.velocity
                     c.policy.observe(k, c.latents, vel)
                 else:
@@ -305,18 +360,21 @@ class Engine:
                 if not torch.isfinite(c.latents).all():
                     raise NonFiniteError(
                         f"NaN/inf in the latents of chunk {c.index} (latent frames {c.frame_start}-{c.frame_end - 1}) "
-                        f"after step {k}; frames of earlier chunks were already written. Try float32, fewer "
+                        f"after step {k}; frames of earlier chunks were already written. Try float32, less "
                         f"guidance, or another seed"
                     )
                 if c.step == r.steps:
-                    if kv.commit == "last-step":
+                    c.kv = None
+                    if not clean_commit:
                         chunks.pop(c.index)
-                    yield c.index, c.frame_start, c.latents
+                    finished.append((c.index, c.latents))
+            run.next_tick = tick_no + 1
             if callback is not None:
                 callback(StepEvent(tick_no, events, self.model_calls))
+            yield finished
 
     # -- window mode (bidirectional checkpoints, diffusers' long-video algorithm) ---------------
-    def _stream_windows(self, r: Resolved, text: torch.Tensor, callback) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _stream_windows(self, r: Resolved, text: torch.Tensor, callback):
         from .schedules.diffusion_forcing import timestep_index_matrix
 
         sc = r.cfg.schedule
@@ -336,7 +394,6 @@ class Engine:
         template = torch.cat([torch.tensor([999]), sampler.timesteps.long(), torch.tensor([0])])
         batch = text.shape[0]
         history: torch.Tensor | None = None  # the last `overlap` latent frames, nothing more
-        emitted_latent = 0
         tick_no = 0
         for it in range(n_iter):
             prefix_frames = 0
@@ -400,6 +457,5 @@ class Engine:
                 tick_no += 1
             new = latents if it == 0 else latents[:, :, overlap:]
             history = latents if history is None else torch.cat([history, new], dim=2)[:, :, -max(overlap, 1):]
-            yield it, emitted_latent, new
-            emitted_latent += new.shape[2]
+            yield [(it, new)]
 

@@ -82,12 +82,12 @@ class KVStore:
                     buf[layer] = new
         self.scratch = tokens
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes a call's keys/values [B, H, n, d] into the scratch region of `layer`."""
-        n = k.shape[2]
-        end = self.committed + n
-        self.keys[layer][:, :, self.committed : end] = k
-        self.values[layer][:, :, self.committed : end] = v
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> None:
+        """Writes keys/values [B, H, n, d] into the scratch region of `layer`, `offset` tokens in."""
+        start = self.committed + offset
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of all committed tokens plus the first `upto` scratch tokens of this call."""
@@ -134,6 +134,11 @@ class KVStore:
                 buf[layer][:, :, :n] = buf[layer].index_select(2, index)
         self.segments = [self.segments[j] for j in keep]
         self.committed = n
+
+    def to(self, device: torch.device | str) -> "KVStore":
+        self.keys = [k.to(device) for k in self.keys]
+        self.values = [v.to(device) for v in self.values]
+        return self
 
     def chunks(self) -> list[int]:
         """Indices of the chunks whose tokens are held, oldest first."""

@@ -79,6 +79,19 @@ class StreamingDecoder:
         self._feat_map: list = [None] * self._num_convs
         self._latent_frames_seen = 0
 
+    def state(self) -> dict:
+        """The causal cache and position, for resuming a video later (tensors copied to CPU)."""
+        cache = [t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t for t in self._feat_map]
+        return {"feat_map": cache, "seen": self._latent_frames_seen}
+
+    def load_state(self, state: dict | None) -> None:
+        """Continues the video whose `state()` this is."""
+        if state is None:
+            return
+        device = next(self.vae.parameters()).device
+        self._feat_map = [t.to(device) if isinstance(t, torch.Tensor) else t for t in state["feat_map"]]
+        self._latent_frames_seen = state["seen"]
+
     @property
     def cache_bytes(self) -> int:
         """Bytes held by the causal cache; constant once a video has started, whatever its length."""

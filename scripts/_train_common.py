@@ -258,3 +258,47 @@ class Clock:
 
     def done(self) -> bool:
         return self.minutes is not None and self.elapsed() >= 60.0 * self.minutes
+
+
+# --- model assembly (shared by training-time evaluation and export) ---
+
+
+def build_transformer(num_frame_per_block: int | None = None):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    cfg = dict(TRANSFORMER_CONFIG)
+    if num_frame_per_block is not None:
+        cfg["num_frame_per_block"] = num_frame_per_block
+    return SkyReelsV2Transformer3DModel(**cfg)
+
+
+def build_scheduler(flow_shift: float):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
+    )
+
+
+def build_vae_from_checkpoint(path: Path, device: str = "cpu"):
+    """The trained AutoencoderKLWan with `latents_mean` / `latents_std` from its checkpoint's statistics."""
+    from diffusers import AutoencoderKLWan
+
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if "latents_mean" not in ck:
+        raise SystemExit(f"{path} has no latent statistics: let train_vae.py finish (it computes them at the end)")
+    vae = AutoencoderKLWan(**ck["config"], latents_mean=ck["latents_mean"], latents_std=ck["latents_std"])
+    vae.load_state_dict(ck["vae"])
+    return vae.eval().requires_grad_(False), ck
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, transformer, flow_shift: float):
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    return SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=build_scheduler(flow_shift),
+    )

@@ -63,3 +63,24 @@ def test_bidirectional_window_equals_unmasked_forward():
     bb = WanFamilyBackbone(model)
     out = bb(x, t, bb.prepare_text(text), CallPlan([5], torch.arange(5), bidirectional=True), None)
     assert _rel(out, ref) < RTOL
+
+
+def test_skipped_chunk_context_kv_gives_identical_later_chunks():
+    """A chunk that skips its call stays visible to later chunks through its kept K/V."""
+    model = tiny_transformer()
+    bb = WanFamilyBackbone(model)
+    lay = bb.kv_layout(8, 8)
+    x = torch.randn(1, 4, 6, 8, 8)
+    t = torch.tensor([[0, 0, 300, 300, 800, 800]])
+    txt = bb.prepare_text(torch.randn(1, 3, 16))
+    store = KVStore(lay.num_layers, 1, lay.heads, lay.head_dim)
+    full = bb(x, t, txt, CallPlan([2, 2, 2], torch.arange(6), keep_kv=True), store)
+    kept = bb.kept_kv
+    assert sorted(kept) == [0, 1, 2] and len(kept[1]) == lay.num_layers
+    # member 1 skipped: only members 0 and 2 computed, member 1 supplied from its kept K/V
+    x02 = torch.cat([x[:, :, 0:2], x[:, :, 4:6]], dim=2)
+    t02 = torch.cat([t[:, 0:2], t[:, 4:6]], dim=1)
+    plan = CallPlan([2, 2, 2], torch.tensor([0, 1, 4, 5]), context={1: kept[1]})
+    part = bb(x02, t02, txt, plan, store)
+    assert _rel(part[:, :, 2:4], full[:, :, 4:6]) < RTOL
+    assert _rel(part[:, :, 0:2], full[:, :, 0:2]) < RTOL

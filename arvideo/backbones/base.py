@@ -1,7 +1,7 @@
 """The small interface a backbone implements for the engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -23,17 +23,28 @@ class KVLayout:
 class CallPlan:
     """One backbone call: several chunks packed along the frame axis.
 
-    sizes: latent frames of each packed chunk, in causal order. Chunk j attends to the
-        committed K/V in the store plus chunks 0..j of this call (block-causal, no mask).
-    positions: absolute latent-frame index of every packed frame (for rotary embeddings).
-    commit: how many leading chunks are commits: their K/V stay in the store after the call.
+    sizes: latent frames of each packed chunk ("member"), in causal order. Member j attends
+        to the committed K/V in the store plus members 0..j of this call (block-causal, no mask).
+    positions: absolute latent-frame index of every frame of the COMPUTED members.
+    commit: how many leading members are commits: their K/V stay in the store after the call.
     bidirectional: one chunk attending to itself only (window mode); no store access.
+    context: members that are not computed this call (their cache policy skipped the step)
+        but whose keys/values later members still attend to: member index -> per-layer
+        (k, v) [B, H, tokens, d] kept from that chunk's last computed step.
+    keep_kv: after the call, `backbone.kept_kv[j]` holds the per-layer (k, v) of every
+        computed member j, for use as `context` on later ticks.
     """
 
     sizes: list[int]
     positions: torch.Tensor
     commit: int = 0
     bidirectional: bool = False
+    context: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    keep_kv: bool = False
+
+    @property
+    def computed(self) -> list[int]:
+        return [j for j in range(len(self.sizes)) if j not in self.context]
 
 
 class Backbone(Protocol):

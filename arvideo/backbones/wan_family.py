@@ -35,6 +35,7 @@ class WanFamilyBackbone:
         self._rope_split = (rope.t_dim, rope.h_dim, rope.w_dim)
         self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._axis_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- properties the engine reads -------------------------------------------------------
     @property
@@ -53,6 +54,21 @@ class WanFamilyBackbone:
     def prepare_text(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """Text projection of the condition embedder, done once per request."""
         return self.model.condition_embedder.text_embedder(prompt_embeds.to(self.dtype))
+
+    # -- cheap probes for cache policies ------------------------------------------------------
+    @torch.no_grad()
+    def patch_features(self, latents: torch.Tensor) -> torch.Tensor:
+        """Patch embedding of latents [1, C, f, h, w] -> [1, tokens, D] (FlowCache's MAGI-1 indicator)."""
+        return self.model.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).float()
+
+    @torch.no_grad()
+    def modulation(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Timestep modulation vector [6 * D] for one timestep value (TeaCache-style indicator)."""
+        ce = self.model.condition_embedder
+        t = timestep.reshape(1).to(self.device)
+        t_emb = ce.timesteps_proj(t)
+        t_emb = t_emb.to(next(ce.time_embedder.parameters()).dtype)
+        return ce.time_proj(ce.act_fn(ce.time_embedder(t_emb))).flatten().float()
 
     # -- rotary tables ----------------------------------------------------------------------
     def _axis_freqs(self, axis: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +132,14 @@ class WanFamilyBackbone:
             tproj = tproj + m.fps_projection(m.fps_embedding(fps_id)).unflatten(1, (6, -1)).unsqueeze(1)
         tproj = tproj.transpose(1, 2).unsqueeze(3)  # [B, 6, F, 1, D]
 
-        bounds = [0]
+        bounds = [0]  # token bounds of every member in the scratch layout
         for size in plan.sizes:
             bounds.append(bounds[-1] + size * hw)
+        if plan.context and (store is None or plan.bidirectional):
+            raise ValueError("context members need the KV store (block-causal calls)")
         if store is not None and not plan.bidirectional:
             store.reserve(bounds[-1])
+        self.kept_kv = {j: [] for j in plan.computed} if plan.keep_kv else {}
 
         for layer, block in enumerate(m.blocks):
             x = self._block(block, layer, x, text, tproj, rope, bounds, plan, store, (b, f, hw))
@@ -172,12 +191,33 @@ class WanFamilyBackbone:
                           v[:, :, s:e] if plan.bidirectional else v[:, :, :e], self.attention_backend)
                 for s, e in zip(bounds[:-1], bounds[1:])
             ]
-        else:
+        elif not plan.context:
             store.write(layer, k, v)
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 ks, vs = store.view(layer, e)
                 outs.append(attention(q[:, :, s:e], ks, vs, self.attention_backend))
+        else:
+            hidden = 0  # token offset of the next computed member within q/k/v
+            spans = []
+            for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if j in plan.context:
+                    ck, cv = plan.context[j][layer]
+                    store.write(layer, ck, cv, offset=s)
+                else:
+                    store.write(layer, k[:, :, hidden : hidden + e - s], v[:, :, hidden : hidden + e - s], offset=s)
+                    spans.append((hidden, hidden + e - s, e))
+                    hidden += e - s
+            outs = []
+            for hs, he, e in spans:
+                ks, vs = store.view(layer, e)
+                outs.append(attention(q[:, :, hs:he], ks, vs, self.attention_backend))
+        if self.kept_kv:
+            hidden = 0
+            for j in self.kept_kv:
+                n = bounds[j + 1] - bounds[j]
+                self.kept_kv[j].append((k[:, :, hidden : hidden + n].clone(), v[:, :, hidden : hidden + n].clone()))
+                hidden += n
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))

@@ -1,9 +1,27 @@
 """The per-chunk cache-policy interface. Each chunk owns one instance and decides alone."""
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
+
+
+@dataclass
+class PolicyContext:
+    """What a chunk's policy may know about its chunk and the model, given at creation.
+
+    sigmas: [steps + 1] noise levels of the chunk's step grid; timesteps: [steps] model timesteps.
+    features(latents) -> patch-embedding features [1, tokens, D] of latents [1, C, f, h, w].
+    modulation(timestep) -> timestep modulation vector [6 D] (one scalar timestep).
+    """
+
+    chunk: int
+    steps: int
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    features: Callable[[torch.Tensor], torch.Tensor]
+    modulation: Callable[[torch.Tensor], torch.Tensor]
 
 
 class CachePolicy(Protocol):
@@ -17,3 +35,11 @@ class CachePolicy(Protocol):
 
     def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         """Velocity for a skipped step."""
+
+
+class PolicyFactory(Protocol):
+    """Makes one policy per chunk. `may_skip` False lets the engine skip K/V bookkeeping."""
+
+    may_skip: bool
+
+    def __call__(self, ctx: PolicyContext) -> CachePolicy: ...

@@ -7,6 +7,9 @@ import torch
 class NoCache:
     """Computes every step."""
 
+    def __init__(self, ctx=None) -> None:
+        self.ctx = ctx
+
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
         return True
 

@@ -1,0 +1,327 @@
+"""Train the shapes-df SkyReelsV2Transformer3DModel and its T5 text encoder with diffusion forcing.
+
+Data: a pool of shapes-world clips encoded once with the frozen trained VAE (posterior mean,
+normalised with the VAE config's latents_mean / latents_std, exactly as the pipeline does),
+kept with their captions; each step takes random crops of `--clip-latents` latent frames
+(half of them start at latent frame 0, the single-frame "image" latent every video begins with).
+
+Objective (the conventions of diffusers' UniPC `flow_prediction`):
+    x_sigma = (1 - sigma) * x0 + sigma * noise,  target v = noise - x0,  timestep = 1000 * sigma,
+with sigma drawn per block of `causal_block_size` latent frames independently (diffusion
+forcing), the transformer in diffusers' block-causal mode (`_set_ar_attention`), and the
+timestep passed as [B, F] (`enable_diffusion_forcing=True`). For `--context-prob` of the
+samples a random prefix of blocks is "context": nearly clean, at a level drawn around
+`--context-noise` (the engine feeds finished chunks back as x*(1-0.001a) + eps*0.001a with
+timestep a), and left out of the loss. Occasionally (`--self-forcing-prob`) the context is
+the model's own one-step estimate of x0 instead of the ground truth, so it learns to continue
+from imperfect history. The text encoder is trained jointly, through exactly the pipeline's
+`_get_t5_prompt_embeds` encoding; `--caption-dropout` of captions become "" (the negative
+prompt used for classifier-free guidance).
+
+Every `--eval-every-min` minutes the EMA weights are put in a SkyReelsV2DiffusionForcingPipeline
+and a few short videos are generated (long-video mode: windows of the training clip length,
+`addnoise_condition` = context noise) and scored with arvideo.world.metrics.score_video.
+
+Example (the run behind models/shapes-df):
+    python scripts/train_transformer.py --vae checkpoints/vae/last.pt --minutes 75 --out checkpoints/df
+    python scripts/train_transformer.py --vae checkpoints/vae/last.pt --minutes 10 --out checkpoints/df --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _train_common import (
+    EMA,
+    MAX_SEQUENCE_LENGTH,
+    TRANSFORMER_CONFIG,
+    Clock,
+    CsvLog,
+    append_jsonl,
+    assemble_pipeline,
+    atomic_save,
+    build_text_encoder,
+    build_tokenizer,
+    build_transformer,
+    build_vae_from_checkpoint,
+    count_params,
+    encode_tokens,
+    setup_torch,
+    to_video_tensor,
+    tokenize,
+)
+from arvideo.world import sample_world, score_video
+
+EVAL_SEEDS = (3, 11, 5)  # held-out worlds (training pool seeds are >= 1000)
+
+
+# --- latent pool ---
+
+
+@torch.no_grad()
+def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4) -> dict:
+    """Encode `num_clips` random world clips: normalised latents [N, C, 1 + (frames-1)/2, 16, 16] and captions."""
+    rng = np.random.default_rng(seed)
+    z_dim = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+    latents, captions = [], []
+    t0 = time.time()
+    for i in range(0, num_clips, batch):
+        clips = []
+        for _ in range(min(batch, num_clips - i)):
+            world = sample_world(int(rng.integers(1000, 10**8)))
+            clips.append(world.clip(int(rng.integers(0, 4000)), frames))
+            captions.append(world.spec.caption)
+        z = vae.encode(to_video_tensor(np.stack(clips))).latent_dist.mode()
+        latents.append(((z - mean) * inv_std).half())
+        if (i // batch) % 25 == 0:
+            print(f"pool: {i + len(clips)}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
+    return dict(latents=torch.cat(latents), captions=captions, frames=frames)
+
+
+# --- noise levels and context ---
+
+
+def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def sample_sigmas(batch: int, blocks: int, args, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block sigma [B, nb] and a context mask [B, nb] (True = context block, not in the loss)."""
+    s = torch.sigmoid(torch.randn(batch, blocks, generator=gen) * args.logit_std)
+    sigma = shift_sigma(s, args.train_shift)
+    # Some samples denoise all their blocks at one level, as a multi-block chunk or ar_step=0 does.
+    same = torch.rand(batch, generator=gen) < args.same_level_prob
+    sigma[same] = sigma[same, :1].expand(-1, blocks)
+    ctx = torch.zeros(batch, blocks, dtype=torch.bool)
+    use_ctx = torch.rand(batch, generator=gen) < args.context_prob
+    for b in torch.nonzero(use_ctx).flatten().tolist():
+        k = int(torch.randint(1, blocks, (1,), generator=gen))
+        ctx[b, :k] = True
+    # Context level drawn uniformly in [0, 2 * context_noise] around the inference value.
+    a = torch.rand(batch, blocks, generator=gen) * 2 * args.context_noise / 1000.0
+    sigma = torch.where(ctx, a, sigma)
+    return sigma, ctx
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", type=Path, default=Path("checkpoints/vae/last.pt"), help="trained VAE checkpoint (train_vae.py)")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/df"), help="checkpoint folder")
+    p.add_argument("--steps", type=int, default=10**7, help="stop after this many optimiser steps")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (checkpoint saved)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and reuse OUT/pool.pt)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip = kv window")
+    p.add_argument("--causal-block-size", type=int, default=TRANSFORMER_CONFIG["num_frame_per_block"])
+    p.add_argument("--pool-clips", type=int, default=512, help="world clips encoded once into the latent pool")
+    p.add_argument("--pool-frames", type=int, default=33, help="video frames per pool clip (1 + 4k)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--logit-std", type=float, default=1.0, help="sigma = shift(sigmoid(N(0, logit_std)))")
+    p.add_argument("--train-shift", type=float, default=2.0, help="time shift applied to training sigmas")
+    p.add_argument("--same-level-prob", type=float, default=0.15)
+    p.add_argument("--context-prob", type=float, default=0.5)
+    p.add_argument("--context-noise", type=float, default=20.0, help="inference context timestep (0..1000)")
+    p.add_argument("--self-forcing-prob", type=float, default=0.1, help="per-step chance of model-made context")
+    p.add_argument("--self-forcing-after", type=float, default=0.3, help="fraction of the budget before it starts")
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--save-every-min", type=float, default=4.0)
+    p.add_argument("--eval-every-min", type=float, default=15.0, help="0 disables")
+    p.add_argument("--eval-steps", type=int, default=16)
+    p.add_argument("--eval-guidance", type=float, default=4.0)
+    p.add_argument("--eval-flow-shift", type=float, default=3.0)
+    p.add_argument("--eval-frames", type=int, default=31)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log", type=Path, default=Path("runs/df_train.csv"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the transformer (useful on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    setup_torch(args.threads, args.seed)
+    device = torch.device(args.device)
+    vae, _ = build_vae_from_checkpoint(args.vae)
+    cbs, T = args.causal_block_size, args.clip_latents
+    if T % cbs:
+        raise SystemExit(f"--clip-latents {T} must be a multiple of --causal-block-size {cbs}")
+
+    pool_path = args.out / "pool.pt"
+    if args.resume and pool_path.exists():
+        pool = torch.load(pool_path, weights_only=False)
+    else:
+        pool = build_pool(vae, args.pool_clips, args.pool_frames, seed=args.seed + 1)
+        atomic_save(pool, pool_path)
+    latents = pool["latents"]  # [N, C, P, 16, 16] fp16, normalised
+    N, C, P = latents.shape[:3]
+    print(f"pool: {N} clips x {P} latent frames; std {latents.float().std():.3f}", flush=True)
+    if P < T:
+        raise SystemExit(f"pool clips have {P} latent frames, fewer than --clip-latents {T}")
+
+    tokenizer = build_tokenizer()
+    ids, mask = tokenize(tokenizer, pool["captions"], MAX_SEQUENCE_LENGTH)
+    empty_ids, empty_mask = tokenize(tokenizer, [""], MAX_SEQUENCE_LENGTH)
+
+    model = torch.nn.ModuleDict(
+        dict(transformer=build_transformer(cbs), text_encoder=build_text_encoder(len(tokenizer)))
+    ).to(device)
+    model["transformer"]._set_ar_attention(cbs)
+    print(f"transformer parameters: {count_params(model['transformer']):,}; "
+          f"text encoder: {count_params(model['text_encoder']):,}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMA(model, args.ema)
+    step, wall_before = 0, 0.0
+    last = args.out / "last.pt"
+    if args.resume and last.exists():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        ema.load_state_dict(ck["ema"])
+        step, wall_before = ck["step"], ck["wall_s"]
+        print(f"resumed at step {step} ({wall_before / 60:.1f} min trained)", flush=True)
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + step)
+    log = CsvLog(args.log)
+    eval_log = args.log.with_name(args.log.stem + "_eval.jsonl")
+    clock = Clock(args.minutes)
+    last_save = last_eval = time.time()
+    nb = T // cbs
+
+    def save() -> None:
+        atomic_save(
+            dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(), step=step,
+                 wall_s=wall_before + clock.elapsed(), args=vars(args) | dict(vae=str(args.vae), out=str(args.out), log=str(args.log)),
+                 transformer_config=dict(TRANSFORMER_CONFIG, num_frame_per_block=cbs)),
+            last,
+        )
+
+    def evaluate() -> None:
+        t0 = time.time()
+        ema_model = copy.deepcopy(model).cpu()
+        ema_model.load_state_dict({k: v.to(ema_model.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        ema_model.eval()
+        row = evaluate_model(ema_model, vae, tokenizer, args)
+        row.update(step=step, wall_s=round(wall_before + clock.elapsed(), 1), eval_s=round(time.time() - t0, 1))
+        append_jsonl(eval_log, row)
+        print("eval", row, flush=True)
+
+    model.train()
+    running = []
+    while step < args.steps and not clock.done():
+        frac = clock.elapsed() / (60 * args.minutes) if args.minutes else 0.0
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        # Batch: random clips, random crops (half from frame 0), captions with dropout.
+        b_idx = torch.randint(0, N, (args.batch,), generator=gen)
+        from_zero = torch.rand(args.batch, generator=gen) < 0.5
+        starts = torch.where(from_zero, 0, torch.randint(0, P - T + 1, (args.batch,), generator=gen))
+        x0 = torch.stack([latents[i, :, s : s + T] for i, s in zip(b_idx.tolist(), starts.tolist())]).float().to(device)
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
+        b_ids = torch.where(drop[:, None], empty_ids, ids[b_idx]).to(device)
+        b_mask = torch.where(drop[:, None], empty_mask, mask[b_idx]).to(device)
+
+        sigma_blk, ctx_blk = sample_sigmas(args.batch, nb, args, gen)
+        sigma = sigma_blk.repeat_interleave(cbs, dim=1).to(device)  # [B, T]
+        ctx = ctx_blk.repeat_interleave(cbs, dim=1).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        s5 = sigma[:, None, :, None, None]
+        xt = (1 - s5) * x0 + s5 * noise
+        timestep = sigma * 1000.0
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            text = encode_tokens(model["text_encoder"], b_ids, b_mask)
+            if ctx.any() and frac > args.self_forcing_after and torch.rand(1, generator=gen).item() < args.self_forcing_prob:
+                # Self-forcing-lite: context = the model's own one-step x0 estimate from a mid noise level.
+                with torch.no_grad():
+                    s_sf = 0.2 + 0.5 * torch.rand(args.batch, 1, generator=gen).to(device)
+                    sig_sf = torch.where(ctx, s_sf.expand(-1, T), sigma)
+                    x_sf = (1 - sig_sf[:, None, :, None, None]) * x0 + sig_sf[:, None, :, None, None] * noise
+                    v = model["transformer"](x_sf, sig_sf * 1000.0, text.detach(), enable_diffusion_forcing=True, return_dict=False)[0]
+                    x0_hat = (x_sf - sig_sf[:, None, :, None, None] * v.float()).clamp(-6, 6)
+                    c5 = ctx[:, None, :, None, None]
+                    xt = torch.where(c5, (1 - s5) * x0_hat + s5 * noise, xt)
+            pred = model["transformer"](xt, timestep, text, enable_diffusion_forcing=True, return_dict=False)[0]
+        target = noise - x0
+        w = (~ctx).float()[:, None, :, None, None]
+        loss = ((pred.float() - target).pow(2) * w).sum() / (w.sum() * C * x0.shape[-1] * x0.shape[-2]).clamp_min(1)
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        running.append(loss.item())
+
+        if step % args.log_every == 0:
+            row = dict(step=step, wall_s=round(wall_before + clock.elapsed(), 1), lr=f"{lr:.2e}",
+                       loss=round(float(np.mean(running)), 5), grad_norm=round(gn.item(), 3))
+            running = []
+            log.write(row)
+            print(row, flush=True)
+        if time.time() - last_save > 60 * args.save_every_min:
+            save()
+            last_save = time.time()
+        if args.eval_every_min > 0 and time.time() - last_eval > 60 * args.eval_every_min:
+            save()
+            evaluate()
+            model.train()
+            last_eval = last_save = time.time()
+
+    save()
+    print(f"saved {last} at step {step}, {(wall_before + clock.elapsed()) / 60:.1f} min trained", flush=True)
+    if args.eval_every_min > 0:
+        evaluate()
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.ModuleDict, vae, tokenizer, args, seeds=EVAL_SEEDS) -> dict:
+    """Generate one short video per held-out caption with the diffusers pipeline; mean world metrics."""
+    transformer = model["transformer"]
+    pipe = assemble_pipeline(vae, model["text_encoder"], tokenizer, transformer, args.eval_flow_shift)
+    pipe.set_progress_bar_config(disable=True)
+    cbs, T = args.causal_block_size, args.clip_latents
+    base_frames = 2 * (T - 1) + 1  # T latent frames
+    overlap = 2 * (T // 2 - 1) + 1  # half a window of history
+    rows = []
+    for seed in seeds:
+        caption = sample_world(seed).spec.caption
+        pos = encode_tokens(model["text_encoder"], *tokenize(tokenizer, [caption]))
+        neg = encode_tokens(model["text_encoder"], *tokenize(tokenizer, [""]))
+        out = pipe(
+            prompt=None,
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            height=64,
+            width=64,
+            num_frames=args.eval_frames,
+            num_inference_steps=args.eval_steps,
+            guidance_scale=args.eval_guidance,
+            causal_block_size=cbs,
+            ar_step=0,
+            base_num_frames=base_frames,
+            overlap_history=overlap,
+            addnoise_condition=args.context_noise,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).frames[0]
+        frames = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        rows.append(score_video(frames, caption))
+    keys = rows[0].keys()
+    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys} | dict(videos=len(rows), frames=args.eval_frames)
+
+
+if __name__ == "__main__":
+    main()
