@@ -187,6 +187,7 @@ class Engine:
         progress: bool = False,
         resume: RunState | None = None,
         on_state: Callable[[Callable[[], RunState]], None] | None = None,
+        teacher: Callable[[int], torch.Tensor] | None = None,
     ) -> Iterator[FrameChunk]:
         """Yields finished chunks in order, while generation continues.
 
@@ -194,6 +195,9 @@ class Engine:
         one has been written): `get()` snapshots the run; its `emitted_frames` are the frames
         handed out so far. resume: such a snapshot from an interrupted run of the same request;
         the continued stream starts at frame `resume.emitted_frames`.
+        teacher(chunk index) -> clean latents: teacher-forced evaluation; finished chunks are
+        committed to the KV store from these (a reference run's) latents instead of their own,
+        so every chunk is denoised from the reference context and only its own error counts.
         """
         r = self.resolve(cfg)
         text = self.encode_text(r, prompt_embeds, negative_prompt_embeds)
@@ -212,7 +216,7 @@ class Engine:
         if r.cfg.schedule.name == "window":
             inner = self._stream_windows(r, text, callback)
         else:
-            inner = self._stream_chunks(r, text, callback, resume)
+            inner = self._stream_chunks(r, text, callback, resume, teacher)
         emitted = resume.emitted_frames if resume is not None else 0
         bar = tqdm(total=r.cfg.frames, initial=emitted, unit="frame", disable=not progress, desc="frames")
         if resume is not None and resume.pending:
@@ -255,12 +259,13 @@ class Engine:
                                      generator=chunk_generator(r.cfg.seed, i), dtype=torch.float32))
         return torch.cat(parts, dim=2)
 
-    def _context_latents(self, r: Resolved, chunk: Chunk) -> torch.Tensor:
+    def _context_latents(self, r: Resolved, chunk: Chunk, teacher=None) -> torch.Tensor:
+        latents = chunk.latents if teacher is None else teacher(chunk.index).to(chunk.latents)
         a = r.context_noise
         if a <= 0:
-            return chunk.latents
+            return latents
         eps = torch.randn(chunk.latents.shape, generator=chunk_generator(r.cfg.seed, chunk.index, 1))
-        return chunk.latents * (1.0 - 0.001 * a) + eps.to(chunk.latents.device) * (0.001 * a)
+        return latents * (1.0 - 0.001 * a) + eps.to(latents.device) * (0.001 * a)
 
     def _make_store(self, r: Resolved, sched, batch: int) -> KVStore:
         lay = self.backbone.kv_layout(r.latent_height, r.latent_width)
@@ -274,7 +279,11 @@ class Engine:
             dtype=self.backbone.dtype, device=self.backbone.device,
         )
 
-    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback, resume: RunState | None):
+    def _positions(self, r: Resolved, store: KVStore, members: list[Chunk]) -> torch.Tensor:
+        """Rotary frame positions of the computed members: absolute latent-frame indices."""
+        return torch.cat([torch.arange(c.frame_start, c.frame_end) for c in members])
+
+    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback, resume: RunState | None, teacher=None):
         """Yields, once per tick, the (chunk index, clean latents) of chunks finished in it."""
         sched = self.make_schedule(r)
         sampler = Sampler(r.cfg.sampler.name, r.steps, r.cfg.sampler.shift, r.cfg.sampler.grid,
@@ -283,6 +292,8 @@ class Engine:
         tokens_per_frame = self.backbone.kv_layout(r.latent_height, r.latent_width).tokens_per_frame
         batch = text.shape[0]
         clean_commit = r.cfg.kv.commit == "clean"
+        if teacher is not None and not clean_commit:
+            raise ConfigError("teacher-forced evaluation needs kv.commit=clean")
         keep_kv = policy_factory.may_skip
         if resume is not None:
             run = resume.run
@@ -313,7 +324,7 @@ class Engine:
                 # skipped chunks before the last computed one stay visible through their kept K/V
                 context = {j: c.kv for j, c in enumerate(members) if j >= len(commits) and not compute[c.index]}
                 computed = [c for j, c in enumerate(members) if j not in context]
-                x = torch.cat([self._context_latents(r, c) for c in commits]
+                x = torch.cat([self._context_latents(r, c, teacher) for c in commits]
                               + [c.latents for c in computed[len(commits):]], dim=2)
                 t = torch.cat(
                     [torch.full((c.num_frames,), r.context_noise, dtype=t_dtype) for c in commits]
@@ -322,7 +333,7 @@ class Engine:
                 ).to(x.device)
                 plan = CallPlan(
                     [c.num_frames for c in members],
-                    torch.cat([torch.arange(c.frame_start, c.frame_end) for c in computed]),
+                    self._positions(r, store, computed),
                     commit=len(commits), context=context, keep_kv=keep_kv,
                 )
                 v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps)

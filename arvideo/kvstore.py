@@ -89,6 +89,10 @@ class KVStore:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
 
+    def observe_queries(self, layer: int, queries: torch.Tensor) -> None:
+        """Sees the queries [B, H, n, d] of the chunks being denoised (for importance-scored eviction)."""
+        return None
+
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of all committed tokens plus the first `upto` scratch tokens of this call."""
         end = self.committed + upto

@@ -118,13 +118,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("checkpoints/df"), help="checkpoint folder")
     p.add_argument("--steps", type=int, default=10**7, help="stop after this many optimiser steps")
     p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (checkpoint saved)")
+    p.add_argument("--until", type=float, default=None,
+                   help="unix time to stop at; overrides --minutes with the time left once the pool is built")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and reuse OUT/pool.pt)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip = kv window")
     p.add_argument("--causal-block-size", type=int, default=TRANSFORMER_CONFIG["num_frame_per_block"])
-    p.add_argument("--pool-clips", type=int, default=512, help="world clips encoded once into the latent pool")
+    p.add_argument("--pool-clips", type=int, default=400, help="world clips encoded once into the latent pool")
     p.add_argument("--pool-frames", type=int, default=33, help="video frames per pool clip (1 + 4k)")
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--logit-std", type=float, default=1.0, help="sigma = shift(sigmoid(N(0, logit_std)))")
@@ -193,6 +195,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed * 1000 + step)
     log = CsvLog(args.log)
     eval_log = args.log.with_name(args.log.stem + "_eval.jsonl")
+    if args.until is not None:
+        args.minutes = max(0.5, (args.until - time.time()) / 60)
+        print(f"training for {args.minutes:.1f} minutes (--until)", flush=True)
     clock = Clock(args.minutes)
     last_save = last_eval = time.time()
     nb = T // cbs

@@ -192,6 +192,7 @@ class WanFamilyBackbone:
                 for s, e in zip(bounds[:-1], bounds[1:])
             ]
         elif not plan.context:
+            store.observe_queries(layer, q[:, :, bounds[plan.commit] :])
             store.write(layer, k, v)
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
@@ -208,6 +209,8 @@ class WanFamilyBackbone:
                     store.write(layer, k[:, :, hidden : hidden + e - s], v[:, :, hidden : hidden + e - s], offset=s)
                     spans.append((hidden, hidden + e - s, e))
                     hidden += e - s
+            first_active = spans[plan.commit][0] if len(spans) > plan.commit else q.shape[2]
+            store.observe_queries(layer, q[:, :, first_active:])
             outs = []
             for hs, he, e in spans:
                 ks, vs = store.view(layer, e)
