@@ -1,0 +1,39 @@
+"""`arvideo eval` scores files against their captions and generated videos against held-out captions."""
+import json
+
+import numpy as np
+
+from arvideo.cli import main
+from arvideo.world import World, parse_caption
+from tests.tiny import save_tiny_model_folder
+
+CAPTION = "a medium green square on a navy background"
+
+
+def test_eval_scores_a_world_video_file_like_the_world(tmp_path, capsys):
+    video = World(parse_caption(CAPTION), seed=3).clip(0, 64)
+    path = tmp_path / "world.npy"
+    np.save(path, video)
+    (tmp_path / "world.json").write_text(json.dumps({"caption": CAPTION}))
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(path), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mean"]["adherence"] == 1.0  # a single-object world video scores exactly 1.0
+    assert result["mean"]["spurious"] == 0.0
+    assert "| world |" in capsys.readouterr().out
+
+
+def test_eval_generate_runs_heldout_captions_with_a_model(tmp_path):
+    folder = save_tiny_model_folder(tmp_path / "tiny")
+    out = tmp_path / "gen.json"
+    assert main(["eval", "--generate", "2", "--frames", "9", "--model", str(folder), "--json", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["seed"] for r in rows] == [10000, 10001]
+    assert all(r["frames"] == 9 and 0.0 <= r["adherence"] <= 1.0 for r in rows)
+
+
+def test_eval_without_caption_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "v.npy"
+    np.save(path, np.zeros((4, 64, 64, 3), np.uint8))
+    assert main(["eval", str(path)]) == 2
+    assert "--caption" in capsys.readouterr().err
