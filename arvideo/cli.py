@@ -1,4 +1,4 @@
-"""Command line: arvideo generate | info | eval."""
+"""Command line: arvideo generate | render | preview | info | eval."""
 from __future__ import annotations
 
 import argparse
@@ -25,12 +25,62 @@ def _add_generate(sub) -> None:
     p.add_argument("--cache", default=None, help="cache preset: none (full compute)")
     p.add_argument("--out", action="append", default=None,
                    help="output path: .mp4, .gif, .npy, or a directory for PNG frames (repeatable; default video.mp4)")
-    p.add_argument("--preview", default=None, help="PNG file rewritten with the latest finished frame")
+    p.add_argument("--preview", default=None, metavar="DIR|FILE.png",
+                   help="directory of live previews (newest frame, in-flight chunks, status.json); "
+                        "a .png path instead keeps just the newest finished frame there")
+    p.add_argument("--serve", nargs="?", type=int, const=8765, default=None, metavar="PORT",
+                   help="serve the live preview page on http://127.0.0.1:PORT while generating (default 8765)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last finished chunk (state in OUT.arvideo-state)")
+    p.add_argument("--state-every", type=float, default=0.0, metavar="SECONDS",
+                   help="save the resumable state at most this often (default 0: after every chunk)")
+    p.add_argument("--no-state", action="store_true", help="do not save a resumable state")
     p.add_argument("--config", action="append", default=None, help="YAML config file (repeatable, merged in order)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. kv.policy=window")
+
+
+def _add_render(sub) -> None:
+    p = sub.add_parser("render", help="render a batch of videos from a YAML jobs file",
+                       description="Render every job of a YAML jobs file (a list of {prompt, frames, seed, out, "
+                                   "...any generate setting}). Failed jobs are reported and the others finish; "
+                                   "the exit code is 1 if any job failed.")
+    p.add_argument("jobs", help="YAML jobs file")
+    p.add_argument("--out-dir", default=None, help="directory for relative output paths (default: current)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="peak memory bound, e.g. 12G (process RSS on CPU, allocator peak on CUDA): bounds KV "
+                        "stores left at the default and runs as many jobs together as fit, or refuses")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="most jobs at once in this process (default 1; with --max-memory as many as fit, up to 4)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan and exit")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run jobs as Ray tasks: on the cluster at ADDRESS (auto, ray://host:10001, host:6379) "
+                        "or on a local Ray (no address)")
+    p.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs each job reserves")
+    p.add_argument("--gpus-per-job", type=float, default=None,
+                   help="Ray: GPUs each job reserves (default 1 for device=cuda jobs, else 0; 0.5 packs two a GPU)")
+    p.add_argument("--retries", type=int, default=3, help="Ray: retries of a job whose worker was lost")
+    p.add_argument("--resume", action="store_true", help="continue interrupted jobs from their state files")
+    p.add_argument("--state-every", type=float, default=0.0, metavar="SECONDS",
+                   help="save each job's resumable state at most this often (default 0: after every chunk)")
+    p.add_argument("--preview", default=None, metavar="DIR", help="live previews, one subdirectory per job")
+    p.add_argument("--serve", nargs="?", type=int, const=8765, default=None, metavar="PORT",
+                   help="serve the live preview page on http://127.0.0.1:PORT while rendering (default 8765)")
+    p.add_argument("--model", default=None, help="model folder for jobs that name none (default: embedded)")
+    p.add_argument("--config", action="append", default=None, help="YAML config applied to every job (repeatable)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting for every job (a job's own wins)")
+
+
+def _add_preview(sub) -> None:
+    p = sub.add_parser("preview", help="serve a live preview directory as a web page")
+    p.add_argument("dir", help="the --preview directory of a running (or finished) generate/render")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
 
 
 def _add_info(sub) -> None:
@@ -58,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_render(sub)
+    _add_preview(sub)
     _add_info(sub)
     _add_eval(sub)
     return parser
@@ -79,38 +131,157 @@ def _config_from_args(args, prompt: str | None = None):
     return build_config(args.config, overrides, **values)
 
 
+def _start_server(port: int | None, directory: str | None):
+    """A PreviewServer on `port` for `directory` (a temporary one if None), or None without --serve."""
+    if port is None:
+        return None, directory
+    import tempfile
+
+    from .preview import PreviewServer
+
+    directory = directory or tempfile.mkdtemp(prefix="arvideo-preview-")
+    server = PreviewServer(directory, port=port).start()
+    print(f"live preview: {server.url}", file=sys.stderr)
+    return server, directory
+
+
 def cmd_generate(args) -> int:
     from .engine import Engine
-    from .sinks import MultiSink, PreviewSink, open_sink
+    from .render import Job, check_output_path, run_job
 
     cfg = _config_from_args(args, args.prompt)
     engine = Engine.from_folder(args.model, cfg.device, cfg.dtype, cfg.attention)
     resolved = engine.resolve(cfg)  # validate everything before any file is touched
     engine.make_schedule(resolved)
     outs = args.out or ["video.mp4"]
-    sinks = [open_sink(p, resolved.fps) for p in outs]
-    if args.preview:
-        sinks.append(PreviewSink(args.preview))
-    sink = MultiSink(sinks)
+    for out in outs:
+        check_output_path(out)
+    job = Job(0, Path(outs[0]).stem, cfg, [Path(o) for o in outs], args.model)
+    if job.state_path.exists() and not args.resume:
+        raise ArvideoError(f"{job.state_path} holds an interrupted run of this output: pass --resume to continue it, "
+                           "or delete it to start over")
+    png_preview = args.preview if args.preview and args.preview.lower().endswith(".png") else None
+    preview_dir = args.preview if args.preview and not png_preview else None
+    server, preview_dir = _start_server(args.serve, preview_dir)
+    on_chunk = None
+    if png_preview:
+        from .sinks import PreviewSink
+
+        sink = PreviewSink(png_preview)
+        on_chunk = lambda chunk: sink.write(chunk.frames)  # noqa: E731
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=resolved.cfg.frames, unit="frame", desc="frames", disable=args.quiet)
+    done = [0]
+
+    def progress(n: int) -> None:
+        bar.update(n - done[0])
+        done[0] = n
+
     start = time.perf_counter()
-    written = 0
     try:
-        for chunk in engine.stream(cfg, progress=not args.quiet):
-            sink.write(chunk.frames)
-            written += len(chunk.frames)
-    except ArvideoError as exc:
-        sink.close()
-        print(f"error: {exc}\n{written} frames already written stay playable in: {', '.join(outs)}", file=sys.stderr)
-        return 1
+        result = run_job(job, engine, atomic=False, resume=args.resume, save_state=not args.no_state,
+                         state_every=args.state_every, preview=preview_dir, on_progress=progress, on_chunk=on_chunk)
     except KeyboardInterrupt:
-        sink.close()
-        print(f"interrupted: {written} frames written to {', '.join(outs)}", file=sys.stderr)
+        bar.close()
+        hint = "; continue with --resume" if job.state_path.exists() else ""
+        print(f"interrupted: {done[0]} frames written to {', '.join(outs)}{hint}", file=sys.stderr)
         return 130
-    sink.close()
+    finally:
+        bar.close()
+        if server is not None:
+            server.close()
+    if not result.ok:
+        if result.input_error:
+            print(f"error: {result.reason}", file=sys.stderr)
+            return 2
+        print(f"error: {result.reason}\n{result.frames} frames already written stay playable in: {', '.join(outs)}",
+              file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     if not args.quiet:
-        print(f"wrote {written} frames ({written / resolved.fps:.1f} s at {resolved.fps} fps) to "
-              f"{', '.join(outs)} in {seconds:.1f} s, {engine.model_calls} model calls", file=sys.stderr)
+        resumed = f" (resumed at frame {result.resumed_from})" if result.resumed_from else ""
+        print(f"wrote {result.frames} frames ({result.frames / resolved.fps:.1f} s at {resolved.fps} fps) to "
+              f"{', '.join(outs)} in {seconds:.1f} s, {engine.model_calls} model calls{resumed}", file=sys.stderr)
+    return 0
+
+
+def _ray_address_fixup(args) -> None:
+    """`--ray key=value` means a local Ray followed by an override (an address never holds '=')."""
+    if args.ray and "=" in args.ray and not args.ray.startswith("ray://"):
+        args.overrides = [args.ray] + list(args.overrides or [])
+        args.ray = "local"
+
+
+def cmd_render(args) -> int:
+    from . import sinks  # noqa: F401 - imported before the baseline is measured
+    from .memory import PeakMeter, format_size, parse_size, return_freed_memory_to_the_os
+    from .render import (describe_plan, load_jobs, plan_jobs, remove_resume_leftovers, render_local, render_ray,
+                         stale_states, summary_table, validate_jobs)
+
+    _ray_address_fixup(args)
+    overrides = [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None]
+    jobs = load_jobs(args.jobs, out_dir=args.out_dir, model=args.model, configs=args.config,
+                     overrides=overrides + list(args.overrides or []))
+    validate_jobs(jobs)
+    if not args.resume:
+        stale = stale_states(jobs)
+        if stale:
+            raise ArvideoError(f"interrupted runs left state files ({', '.join(map(str, stale))}): pass --resume to "
+                               "continue them, or delete them to start over")
+    limit = parse_size(args.max_memory) if args.max_memory else None
+    devices = {"cuda" if str(j.cfg.device).startswith("cuda") else "cpu" for j in jobs}
+    if limit and len(devices) > 1:
+        raise ArvideoError("--max-memory needs every job on one kind of device (all cpu or all cuda)")
+    device = jobs[0].cfg.device
+    if limit and devices == {"cpu"} and args.ray is None:
+        return_freed_memory_to_the_os()
+    meter = PeakMeter(device)
+    max_parallel = args.parallel if args.parallel is not None else (min(4, len(jobs)) if limit else 1)
+    if max_parallel < 1:
+        raise ArvideoError(f"--parallel must be >= 1, got {max_parallel}")
+    plan, jobs = plan_jobs(jobs, limit, max_parallel, baseline=meter.baseline() if limit or args.plan else 0,
+                           separate_processes=args.ray is not None)
+    if limit or args.plan or args.verbose:
+        print(describe_plan(plan, jobs), file=sys.stderr)
+    if args.plan:
+        return 0
+    remove_resume_leftovers(jobs)
+    server, preview_dir = _start_server(args.serve, args.preview)
+    meter.reset()
+    try:
+        if args.ray is not None:
+            memory = [plan.baseline + jp.estimate.weights + jp.estimate.dynamic for jp in plan.jobs] if limit else None
+            results = render_ray(jobs, address=args.ray, cpus_per_job=args.cpus_per_job,
+                                 gpus_per_job=args.gpus_per_job, memory_per_job=memory, retries=args.retries,
+                                 state_every=args.state_every, preview=preview_dir, progress=not args.quiet)
+        else:
+            results = render_local(jobs, parallel=plan.parallel, resume=args.resume, state_every=args.state_every,
+                                   preview=preview_dir, progress=not args.quiet, measure_each=plan.parallel == 1)
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs stay; continue the rest with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.close()
+    print(summary_table(results))
+    if limit and args.ray is None:
+        print(f"peak memory {format_size(meter.peak())} (estimated {format_size(plan.peak)}, "
+              f"bound {format_size(limit)})")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_preview(args) -> int:
+    from .preview import PreviewServer
+
+    server = PreviewServer(args.dir, host=args.host, port=args.port)
+    print(f"serving {Path(args.dir).resolve()} on {server.url} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
     return 0
 
 
@@ -127,11 +298,25 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parser.parse_args, but `key=value` overrides may come before, between or after options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse stops filling a positional list at the first option; parse the subcommand intermixed
+        sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        at = argv.index(args.command)
+        sub_args = sub.choices[args.command].parse_intermixed_args(argv[at + 1 :])
+        for key, value in vars(sub_args).items():
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval}
+    handlers = {"generate": cmd_generate, "render": cmd_render, "preview": cmd_preview, "info": cmd_info,
+                "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except ArvideoError as exc:

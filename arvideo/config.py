@@ -45,10 +45,16 @@ class CacheConfig:
 
 @dataclass
 class KVConfig:
-    policy: str | None = None  # full | window | sink-window
-    budget_frames: int | None = None  # latent frames of context kept (bounded policies)
+    policy: str | None = None  # full | window | sink-window | scored (model default, else full)
+    budget_frames: int | None = None  # latent frames of context kept (bounded policies); tokens = frames x tokens per frame
     commit: str = "clean"  # clean: re-run a finished chunk at the context timestep; last-step: keep its last step's K/V
     context_noise: float | None = None  # timestep (0..1000) finished chunks are re-run at
+    positions: str | None = None  # absolute | reindexed (cached frames re-positioned by rank); model default, else reindexed
+    score_lambda: float = 0.07  # scored: weight of importance against redundancy
+    pool_width: int = 7  # scored: max-pool width of importance along token order
+    queries: str = "chunk"  # scored: chunk (every query being denoised) | last-frame (their last latent frame)
+    protect_sink: bool = True  # scored: always keep the first chunk
+    protect_recent: bool = True  # scored: always keep the most recently committed chunk
 
 
 @dataclass

@@ -268,15 +268,22 @@ class Engine:
         return latents * (1.0 - 0.001 * a) + eps.to(latents.device) * (0.001 * a)
 
     def _make_store(self, r: Resolved, sched, batch: int) -> KVStore:
+        from .kvstore import DEFAULT_KV_POSITIONS, ScoredEviction, TemporalRope
+
         lay = self.backbone.kv_layout(r.latent_height, r.latent_width)
         kv = r.cfg.kv
         if kv.policy != "full" and not kv.budget_frames:
             raise ConfigError(f"KV policy {kv.policy!r} needs kv.budget_frames (latent frames of context)")
         budget = kv.budget_frames * lay.tokens_per_frame if kv.policy != "full" else None
+        positions = kv.positions or self.model.defaults.get("kv_positions", DEFAULT_KV_POSITIONS)
+        t_dim = getattr(getattr(self.model.transformer, "rope", None), "t_dim", None)
         return KVStore(
             lay.num_layers, batch, lay.heads, lay.head_dim, policy=kv.policy, budget_tokens=budget,
             scratch_tokens=(sched.max_in_flight + 1) * r.block * lay.tokens_per_frame,
-            dtype=self.backbone.dtype, device=self.backbone.device,
+            tokens_per_frame=lay.tokens_per_frame, positions=positions,
+            rope=TemporalRope(t_dim) if t_dim else None,
+            scoring=ScoredEviction(kv.score_lambda, kv.pool_width, kv.queries, kv.protect_sink, kv.protect_recent),
+            clean_commit=kv.commit == "clean", dtype=self.backbone.dtype, device=self.backbone.device,
         )
 
     def _positions(self, r: Resolved, store: KVStore, members: list[Chunk]) -> torch.Tensor:
@@ -336,7 +343,11 @@ class Engine:
                     self._positions(r, store, computed),
                     commit=len(commits), context=context, keep_kv=keep_kv,
                 )
-                v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps)
+                # DeepCache-style policies run some members through the first/last blocks only
+                deep = {j: c.policy.deep_plan(c.step) for j, c in enumerate(members)
+                        if keep_kv and j >= len(commits) and j not in context and hasattr(c.policy, "deep_plan")}
+                v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps,
+                                  **({"deep": deep} if deep else {}))
                 self.model_calls += 1
                 if batch > 1:
                     v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
@@ -347,6 +358,8 @@ class Engine:
                 if keep_kv:
                     for j, kept in self.backbone.kept_kv.items():
                         members[j].kv = kept
+                    for j, residual in (self.backbone.deep_residuals.items() if deep else ()):
+                        members[j].policy.deep_observe(residual, members[j].kv)
                 if clean_commit:
                     store.commit([(c.index, c.num_frames * tokens_per_frame) for c in commits])
                 else:

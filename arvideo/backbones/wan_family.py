@@ -108,7 +108,11 @@ class WanFamilyBackbone:
         plan: CallPlan,
         store: KVStore | None,
         fps: int | None = None,
+        deep: dict | None = None,
     ) -> torch.Tensor:
+        """deep: member index -> plan with `first`, `last`, `residual`, `kv` (DeepCache partial compute,
+        arvideo.caching.deepcache.DeepPlan); after the call `deep_residuals[j]` holds the middle-block
+        residual of every member that ran the middle blocks."""
         m = self.model
         b, _, f, h, w = latents.shape
         p_t, p_h, p_w = self.patch
@@ -140,9 +144,55 @@ class WanFamilyBackbone:
         if store is not None and not plan.bidirectional:
             store.reserve(bounds[-1])
         self.kept_kv = {j: [] for j in plan.computed} if plan.keep_kv else {}
+        self.deep_residuals = {}
 
-        for layer, block in enumerate(m.blocks):
-            x = self._block(block, layer, x, text, tproj, rope, bounds, plan, store, (b, f, hw))
+        n_layers = len(m.blocks)
+        lo = hi = n_layers
+        if deep:
+            lo, hi = min(d.first for d in deep.values()), n_layers - min(d.last for d in deep.values())
+            if lo >= hi:  # no middle range to skip
+                lo = hi = n_layers
+        for layer in range(lo):
+            x = self._block(m.blocks[layer], layer, x, text, tproj, rope, bounds, plan, store, (b, f, hw))
+        if lo < hi:
+            # middle blocks: shallow members are left out (their K/V there come from their last full step)
+            # and get their kept residual added at the end of the range
+            shallow = {j for j, d in deep.items() if d.residual is not None}
+            spans, tok, fr = {}, 0, 0
+            for j in plan.computed:
+                spans[j] = (tok, tok + plan.sizes[j] * hw, fr, fr + plan.sizes[j])
+                tok, fr = tok + plan.sizes[j] * hw, fr + plan.sizes[j]
+            run = [j for j in plan.computed if j not in shallow]
+            x_in, x_mid = x, x
+            if run:
+                t_idx = torch.cat([torch.arange(spans[j][0], spans[j][1]) for j in run]).to(x.device)
+                f_idx = torch.cat([torch.arange(spans[j][2], spans[j][3]) for j in run])
+                sub_plan = CallPlan(plan.sizes, plan.positions[f_idx], commit=plan.commit,
+                                    context={**plan.context, **{j: deep[j].kv for j in shallow}}, keep_kv=plan.keep_kv)
+                sub_rope = (rope[0][:, t_idx], rope[1][:, t_idx])
+                sub_tproj = tproj[:, :, f_idx.to(tproj.device)]
+                x_mid = x[:, t_idx]
+            all_kept = self.kept_kv
+            for layer in range(lo, hi):
+                self.kept_kv = {j: kept for j, kept in all_kept.items() if j not in shallow}
+                if run:
+                    x_mid = self._block(m.blocks[layer], layer, x_mid, text, sub_tproj, sub_rope, bounds, sub_plan,
+                                        store, (b, len(f_idx), hw))
+                self.kept_kv = all_kept
+                for j in shallow:
+                    if j in all_kept:
+                        all_kept[j].append(deep[j].kv[layer])
+            x = x_in.clone()
+            if run:
+                x[:, t_idx] = x_mid
+            for j, d in deep.items():
+                s, e = spans[j][0], spans[j][1]
+                if j in shallow:
+                    x[:, s:e] = x_in[:, s:e] + d.residual.to(x.dtype)
+                else:
+                    self.deep_residuals[j] = x[:, s:e] - x_in[:, s:e]
+        for layer in range(hi, n_layers):
+            x = self._block(m.blocks[layer], layer, x, text, tproj, rope, bounds, plan, store, (b, f, hw))
 
         shift, scale = (m.scale_shift_table.unsqueeze(2) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift = shift.squeeze(1).unsqueeze(2)  # [B, F, 1, D]
@@ -192,8 +242,8 @@ class WanFamilyBackbone:
                 for s, e in zip(bounds[:-1], bounds[1:])
             ]
         elif not plan.context:
-            store.observe_queries(layer, q[:, :, bounds[plan.commit] :])
             store.write(layer, k, v)
+            store.observe_queries(layer, q[:, :, bounds[plan.commit] :], bounds[plan.commit])
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 ks, vs = store.view(layer, e)
@@ -210,7 +260,7 @@ class WanFamilyBackbone:
                     spans.append((hidden, hidden + e - s, e))
                     hidden += e - s
             first_active = spans[plan.commit][0] if len(spans) > plan.commit else q.shape[2]
-            store.observe_queries(layer, q[:, :, first_active:])
+            store.observe_queries(layer, q[:, :, first_active:], bounds[plan.commit])
             outs = []
             for hs, he, e in spans:
                 ks, vs = store.view(layer, e)

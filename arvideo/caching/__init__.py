@@ -1,29 +1,185 @@
-"""Per-chunk cache policies, selected by preset name (`--cache PRESET`)."""
+"""Per-chunk cache policies, selected by preset name (`--cache PRESET`).
+
+A preset is a policy name with optional parameters, `flowcache:tau=0.05,warmup=3`, or the name
+of a YAML file in `configs/cache/` (or a path to one) holding `policy:` plus parameters; the
+`name:key=value` suffix overrides the file's values. Library callers may also pass a
+PolicyFactory object as the preset.
+"""
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
+from typing import Any, Callable
+
+import yaml
 
 from ..errors import ConfigError
 from .base import CachePolicy, PolicyContext, PolicyFactory
+from .baselines import Fora, TeaCache, TickDecision
+from .calibration import costs_from_entry, find_entry
+from .common import IDENTITY_POLY
+from .deepcache import DeepCache
+from .flowcache import FlowCache, ResidualFlowCache
+from .meancache import MeanCache, uniform_schedule
 from .none import NoCache
+from .schedule import shortest_path_schedule
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cache"
 
 
 class _Factory:
-    def __init__(self, cls, may_skip: bool, **kwargs) -> None:
-        self.cls, self.may_skip, self.kwargs = cls, may_skip, kwargs
+    """One policy per chunk; model calibration looked up once, on the first chunk's step grid."""
+
+    def __init__(self, make: Callable[[PolicyContext, dict | None], CachePolicy], may_skip: bool,
+                 model_dir: Path | None, calibrated: bool = False) -> None:
+        self.make, self.may_skip, self.model_dir = make, may_skip, model_dir
+        self._entry: dict | None = None
+        self._looked_up = not calibrated
 
     def __call__(self, ctx: PolicyContext) -> CachePolicy:
-        return self.cls(ctx, **self.kwargs)
+        if not self._looked_up:
+            self._entry, self._looked_up = find_entry(self.model_dir, ctx.sigmas), True
+        return self.make(ctx, self._entry)
 
 
-PRESETS = {"none": lambda steps, model_dir: _Factory(NoCache, False)}
+def _poly(entry: dict | None) -> tuple[float, ...]:
+    return tuple(entry["modulation_poly"]) if entry and entry.get("modulation_poly") else IDENTITY_POLY
 
 
-def make_policy_factory(preset: str, steps: int, model_dir: Path | None = None) -> PolicyFactory:
+def build_none(steps: int, model_dir):
+    return _Factory(lambda ctx, entry: NoCache(ctx), False, model_dir)
+
+
+def build_flowcache(steps: int, model_dir, tau: float = 0.05, warmup: int = 5, indicator: str = "patch",
+                    reuse: str = "velocity", k: int = 2, max_skip: int | None = None):
+    """FlowCache (methods.md 2); reuse: velocity | mean (the combination) | residual (head-only pass)."""
+    if reuse == "residual":
+        return _Factory(lambda ctx, entry: ResidualFlowCache(ctx, tau, warmup, indicator, _poly(entry), max_skip),
+                        True, model_dir, calibrated=indicator == "modulation")
+    return _Factory(lambda ctx, entry: FlowCache(ctx, tau, warmup, indicator, _poly(entry), reuse, k, max_skip),
+                    True, model_dir, calibrated=indicator == "modulation")
+
+
+def build_combination(steps: int, model_dir, tau: float = 0.05, warmup: int = 3, indicator: str = "patch",
+                      k: int = 2, max_skip: int | None = None, budget: int | None = None, gamma: float = 2.0):
+    """Per-chunk FlowCache decisions; skipped steps take MeanCache's average velocity.
+
+    budget: also compute the calibrated MeanCache schedule of this many calls (with its K per step);
+    FlowCache's indicator then adds computes on top of it, per chunk.
+    """
+
+    def make(ctx: PolicyContext, entry: dict | None) -> FlowCache:
+        schedule = _schedule(ctx, entry, budget, gamma, k) if budget is not None else None
+        return FlowCache(ctx, tau, warmup, indicator, _poly(entry), "mean", k, max_skip, schedule)
+
+    return _Factory(make, True, model_dir, calibrated=budget is not None or indicator == "modulation")
+
+
+def _schedule(ctx: PolicyContext, entry: dict | None, budget: int, gamma: float, k: int) -> dict[int, int]:
+    """MeanCache's compute steps {step: K}: the calibrated shortest path, else an even spread."""
+    if budget >= ctx.steps:  # nothing to skip: full compute, whatever the costs say
+        return {s: k for s in range(ctx.steps)}
+    if entry is not None and entry.get("costs"):
+        return shortest_path_schedule(costs_from_entry(entry), budget, gamma).as_dict()
+    return uniform_schedule(ctx.steps, budget, k)
+
+
+def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: float = 2.0, k: int = 2):
+    """MeanCache on the peak-suppressed shortest-path schedule for `budget` model calls per chunk.
+
+    Calibrated edge costs come from the model's calibration file; without one the budget is
+    spread evenly with JVP order k.
+    """
+    budget = steps if budget is None else int(budget)
+
+    def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
+        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k))
+
+    return _Factory(make, True, model_dir, calibrated=True)
+
+
+def build_teacache(steps: int, model_dir, tau: float = 0.1, warmup: int = 1):
+    """TeaCache: one decision per tick shared by all chunks in flight (a baseline)."""
+    shared: list[TickDecision] = []  # one decision state per run, made with the model's polynomial
+
+    def make(ctx: PolicyContext, entry: dict | None) -> TeaCache:
+        if not shared:
+            shared.append(TickDecision(tau, _poly(entry)))
+        return TeaCache(ctx, shared[0], warmup)
+
+    return _Factory(make, True, model_dir, calibrated=True)
+
+
+def build_fora(steps: int, model_dir, interval: int = 2, warmup: int = 1):
+    """FORA: fixed-interval reuse (a baseline)."""
+    return _Factory(lambda ctx, entry: Fora(ctx, interval, warmup), True, model_dir)
+
+
+def build_deepcache(steps: int, model_dir, interval: int = 3, first: int = 1, last: int = 1, warmup: int = 1,
+                    schedule: str = "uniform", power: float = 2.0):
+    """DeepCache: first/last blocks every step, middle blocks' residual reused between full steps."""
+    return _Factory(lambda ctx, entry: DeepCache(ctx, interval, first, last, warmup, schedule, power), True, model_dir)
+
+
+POLICIES: dict[str, Callable[..., PolicyFactory]] = {
+    "none": build_none, "flowcache": build_flowcache, "combination": build_combination,
+    "meancache": build_meancache, "teacache": build_teacache, "fora": build_fora, "deepcache": build_deepcache,
+}
+PRESETS = POLICIES  # the built-in names; YAML presets in configs/cache/ are found by name too
+CHOICES = {"indicator": ("patch", "modulation"), "reuse": ("velocity", "mean", "residual"),
+           "schedule": ("uniform", "nonuniform")}
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return text if isinstance(value, (dict, list)) else value
+
+
+def parse_preset(preset: str) -> tuple[str, dict[str, Any]]:
+    """'name:key=value,key=value' -> (policy name, parameters), with configs/cache/<name>.yaml read in."""
+    name, _, rest = preset.partition(":")
+    params: dict[str, Any] = {}
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if "policy" not in loaded:
+            raise ConfigError(f"cache preset file {path} needs a 'policy:' key ({', '.join(POLICIES)})")
+        name = loaded.pop("policy")
+        params.update(loaded)
+    elif name not in POLICIES:
+        found = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+        raise ConfigError(f"unknown cache preset {name!r}; available: {', '.join(sorted(set(POLICIES) | set(found)))}")
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"cache preset parameter {item!r} is not key=value (e.g. flowcache:tau=0.05)")
+        params[key.strip()] = _parse_value(value.strip())
+    if name not in POLICIES:
+        raise ConfigError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return name, params
+
+
+def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path | None = None) -> PolicyFactory:
     """A factory making one fresh policy per chunk for the named preset."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown cache preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[preset](steps, model_dir)
+    if not isinstance(preset, str):
+        if callable(preset) and hasattr(preset, "may_skip"):
+            return preset
+        raise ConfigError(f"cache preset must be a name or a PolicyFactory, got {type(preset).__name__}")
+    name, params = parse_preset(preset)
+    builder = POLICIES[name]
+    valid = [p for p in inspect.signature(builder).parameters if p not in ("steps", "model_dir")]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ConfigError(f"cache policy {name!r} has no parameter {', '.join(unknown)}; "
+                          f"valid: {', '.join(valid) or '(none)'}")
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"cache parameter {key}={value} must be finite")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"cache parameter {key}={value!r}: choose one of {', '.join(CHOICES[key])}")
+    return builder(steps, model_dir, **params)
 
 
-__all__ = ["CachePolicy", "NoCache", "PolicyContext", "PolicyFactory", "PRESETS", "make_policy_factory"]
+__all__ = ["CachePolicy", "NoCache", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
+           "make_policy_factory", "parse_preset"]

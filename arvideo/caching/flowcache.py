@@ -1,0 +1,133 @@
+"""FlowCache: each chunk accumulates its own change indicator and decides alone when to recompute.
+
+Indicators (methods.md section 2):
+- `patch` (MAGI-1 port): r = mean|f_k - f_{k-1}| / (mean|f_{k-1}| + 1e-8) of the patch
+  embedding f of the chunk's noisy latents;
+- `modulation` (SkyReels port, TeaCache-style): the relative L1 change of the timestep
+  modulation vector, rescaled by a per-model degree-4 polynomial (`arvideo calibrate` fits it).
+A chunk accumulates A += r and reuses while A < tau; otherwise it computes and resets A = 0.
+It always computes its first `warmup` steps and its last step.
+
+What a skipped step reuses: the chunk's last velocity, which the sampler scales by the current
+step's dt (`reuse="velocity"`), MeanCache's average-velocity estimate (`reuse="mean"`, the
+combination), or the chunk's residual across all transformer blocks (`reuse="residual"`,
+`ResidualFlowCache`): the chunk then still joins the call but runs only the patch embedding and
+the output head on its current latents and timestep, with every block's K/V kept. An optional
+static schedule (MeanCache's calibrated one) makes its steps compute whatever the indicator
+says: the indicator then only adds computes where a chunk changes faster than calibrated.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import PolicyContext
+from .common import IDENTITY_POLY, ForcedSteps, VelocityReuse, polyval, relative_l1
+from .deepcache import DeepPlan
+from .meancache import MeanVelocity
+
+INDICATORS = ("patch", "modulation")
+REUSE = ("velocity", "mean", "residual")
+
+
+class ChangeIndicator:
+    """The per-step relative change of one chunk, computed once per step whatever the decision."""
+
+    def __init__(self, ctx: PolicyContext, kind: str, poly=IDENTITY_POLY) -> None:
+        if kind not in INDICATORS:
+            raise ValueError(f"unknown FlowCache indicator {kind!r}; choose one of {', '.join(INDICATORS)}")
+        self.ctx, self.kind, self.poly = ctx, kind, tuple(poly)
+        self.step: int | None = None
+        self.previous: torch.Tensor | None = None
+        self.change = 0.0
+
+    def update(self, step: int, latents: torch.Tensor) -> float:
+        """Relative change from the last seen step to `step` (0 on the first one); idempotent per step."""
+        if step == self.step:
+            return self.change
+        if self.kind == "patch":
+            feature = self.ctx.features(latents)
+        else:
+            feature = self.ctx.modulation(self.ctx.timesteps[step])
+        if self.previous is None:
+            self.change = 0.0
+        else:
+            r = relative_l1(feature, self.previous)
+            self.change = polyval(self.poly, r) if self.kind == "modulation" else r
+        self.step, self.previous = step, feature
+        return self.change
+
+
+class FlowCache:
+    """One chunk's FlowCache state: accumulated change against tau, warm-up and last step forced."""
+
+    def __init__(self, ctx: PolicyContext, tau: float, warmup: int = 5, indicator: str = "patch",
+                 poly=IDENTITY_POLY, reuse: str = "velocity", k: int = 2, max_skip: int | None = None,
+                 schedule: dict[int, int] | None = None) -> None:
+        if reuse not in REUSE:
+            raise ValueError(f"unknown FlowCache reuse {reuse!r}; choose one of {', '.join(REUSE)}")
+        self.ctx, self.tau, self.k = ctx, float(tau), int(k)
+        # optional static floor (a MeanCache schedule {step: K}): these steps always compute
+        self.schedule = dict(schedule or {})
+        self.forced = ForcedSteps(ctx, warmup)
+        self.indicator = ChangeIndicator(ctx, indicator, poly)
+        self.max_skip = max_skip
+        self.accumulated = 0.0
+        self.skipped_in_a_row = 0
+        max_k = max([self.k, *self.schedule.values()])
+        self.reuser = MeanVelocity(ctx, max_k) if reuse == "mean" else VelocityReuse(ctx)
+
+    def should_compute(self, step: int, latents: torch.Tensor) -> bool:
+        change = self.indicator.update(step, latents)
+        if (self.forced(step) or step in self.schedule
+                or (self.max_skip is not None and self.skipped_in_a_row >= self.max_skip)):
+            return True
+        self.accumulated += change
+        return self.accumulated >= self.tau
+
+    def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
+        self.indicator.update(step, latents)  # steps the engine forced without asking
+        self.accumulated = 0.0
+        self.skipped_in_a_row = 0
+        if isinstance(self.reuser, MeanVelocity):
+            self.reuser.observe(step, latents, velocity, self.schedule.get(step, self.k))
+        else:
+            self.reuser.observe(step, latents, velocity)
+
+    def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        self.skipped_in_a_row += 1
+        return self.reuser.reuse(step, latents)
+
+
+class ResidualFlowCache(FlowCache):
+    """FlowCache reusing the residual across all blocks: a skipped chunk runs the head only.
+
+    It always joins the backbone call (should_compute is True); the FlowCache decision picks a
+    full pass or a head-only pass (DeepCache's partial compute with no leading/trailing blocks).
+    """
+
+    def __init__(self, ctx: PolicyContext, tau: float, warmup: int = 5, indicator: str = "patch",
+                 poly=IDENTITY_POLY, max_skip: int | None = None) -> None:
+        super().__init__(ctx, tau, warmup, indicator, poly, "velocity", 1, max_skip)
+        self.full = True
+        self.residual: torch.Tensor | None = None
+        self.kv = None
+
+    def should_compute(self, step: int, latents: torch.Tensor) -> bool:
+        self.full = super().should_compute(step, latents)
+        return True
+
+    def deep_plan(self, step: int) -> DeepPlan:
+        if self.full or self.residual is None:
+            self.full = True
+            return DeepPlan(0, 0)
+        return DeepPlan(0, 0, self.residual, self.kv)
+
+    def deep_observe(self, residual: torch.Tensor, kv) -> None:
+        self.residual, self.kv = residual, kv
+
+    def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
+        if self.full:
+            super().observe(step, latents, velocity)
+        else:
+            self.skipped_in_a_row += 1
+        self.full = True  # a step the engine forces without asking is a full one

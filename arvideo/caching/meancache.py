@@ -1,0 +1,96 @@
+"""MeanCache: skipped steps take the interval-average velocity, not the last velocity.
+
+MeanFlow identity: u(z_t, t, s) = v(z_t, t) + (s - t) du/dt. The derivative is a finite
+difference over the chunk's own history (no autograd): with r = sigma_{t-K},
+    ubar = (z_t - z_r) / (sigma_t - sigma_r)          secant over the last K steps
+    J    = (ubar - v_r) / (sigma_t - sigma_r)
+A computed step t takes the model's v_t (plain step). Each skipped step i after it takes
+    v_i = v_{i-1} + (sigma_{i+1} - sigma_i) * J_t
+with J_t measured at the last computed step (K is a property of that step, as on the
+schedule's edges). K = 1 gives J = 0 under Euler: plain velocity reuse. History is fp32.
+
+The math is Euler's (x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v). Under UniPC the estimate is
+handed to the sampler as if it were the model's output; see docs/caching.md for what that costs.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .base import PolicyContext
+
+
+def finite_difference_jvp(z_t: torch.Tensor, sigma_t: float, z_r: torch.Tensor, sigma_r: float,
+                          v_r: torch.Tensor) -> torch.Tensor:
+    """du/dt along the trajectory from the secant over [sigma_r, sigma_t] and the velocity at r."""
+    span = sigma_t - sigma_r
+    ubar = (z_t - z_r) / span
+    return (ubar - v_r) / span
+
+
+def average_velocity(v_t: torch.Tensor, jvp: torch.Tensor, sigma_t: float, sigma_s: float) -> torch.Tensor:
+    """u(z_t, t, s) = v_t + (s - t) du/dt: the average velocity over [sigma_t, sigma_s]."""
+    return v_t + (sigma_s - sigma_t) * jvp
+
+
+class MeanVelocity:
+    """Per-chunk fp32 history of (sigma, latents, velocity used) and the skipped-step estimate."""
+
+    def __init__(self, ctx: PolicyContext, max_k: int) -> None:
+        self.ctx = ctx
+        self.sigmas = [float(s) for s in ctx.sigmas]
+        self.history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, max_k) + 1)
+        self.jvp: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None
+
+    def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor, k: int) -> None:
+        z, v = latents.float().clone(), velocity.float()
+        self.jvp = self._jvp(step, z, k)
+        self._record(step, z, v)
+
+    def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        if self.velocity is None:
+            raise RuntimeError(f"chunk {self.ctx.chunk} skipped step {step} before any computed step")
+        v = self.velocity
+        if self.jvp is not None:
+            v = v + (self.sigmas[step + 1] - self.sigmas[step]) * self.jvp
+        self._record(step, latents.float().clone(), v)
+        return v
+
+    def _jvp(self, step: int, z: torch.Tensor, k: int) -> torch.Tensor | None:
+        """J from the entry K steps back; None (J = 0) when that step is not in the history."""
+        for s, z_r, v_r in self.history:
+            if s == step - k:
+                return finite_difference_jvp(z, self.sigmas[step], z_r, self.sigmas[s], v_r)
+        return None
+
+    def _record(self, step: int, z: torch.Tensor, v: torch.Tensor) -> None:
+        self.history.append((step, z, v))
+        self.velocity = v
+
+
+class MeanCache:
+    """Computes on a static schedule {step: K}; every other step uses the average-velocity estimate."""
+
+    def __init__(self, ctx: PolicyContext, schedule: dict[int, int]) -> None:
+        self.ctx = ctx
+        self.schedule = dict(schedule)
+        self.default_k = max(self.schedule.values(), default=1)
+        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1))
+
+    def should_compute(self, step: int, latents: torch.Tensor) -> bool:
+        return step in self.schedule
+
+    def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
+        self.mean.observe(step, latents, velocity, self.schedule.get(step, self.default_k))
+
+    def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.mean.reuse(step, latents)
+
+
+def uniform_schedule(steps: int, budget: int, k: int = 2) -> dict[int, int]:
+    """`budget` compute steps spread evenly over `steps` (first step included): the uncalibrated fallback."""
+    budget = max(1, min(budget, steps))
+    picks = sorted({round(i * steps / budget) for i in range(budget)})
+    return {p: (1 if p == 0 else k) for p in picks}

@@ -1,0 +1,207 @@
+"""Bounded KV store benchmark: peak memory and time per chunk vs length, world metrics per policy.
+
+Every generation runs in its own subprocess (one torch thread), so "peak memory" is that
+process's peak resident set (ru_maxrss): model, store, activations, decoder, everything.
+Results go to stdout and into docs/kvstore.md between the markers of each section.
+
+  python scripts/bench_kvstore.py memory --frames 160 800 2000 10000     # default settings
+  python scripts/bench_kvstore.py quality --frames 2000 --captions 12 \\
+      --policies scored window sink-window full --positions reindexed absolute
+  python scripts/bench_kvstore.py memory --quick --model /tmp/tiny       # smoke test
+
+`--model DIR` picks another model folder (default: the embedded models/shapes-df);
+`--jobs N` runs N subprocesses at once (timings then share the CPU: say so when quoting them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "kvstore.md"
+METRICS = ("adherence", "persistence", "spurious", "smoothness", "background", "flicker")
+
+
+# -- child: one generation --------------------------------------------------------------------
+def child(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from arvideo.config import build_config
+    from arvideo.engine import Engine
+    from arvideo.evaluate import heldout_captions
+    from arvideo.kvstore import DEFAULT_KV_POSITIONS
+
+    seed, caption = heldout_captions(1, args.seed)[0]
+    engine = Engine.from_folder(args.model)
+    cfg = build_config(prompt=caption, frames=args.frames, seed=seed, overrides=args.set)
+    resolved = engine.resolve(cfg)
+    tick_times: list[float] = []
+    store_bytes, committed = [], 0
+    keep = [] if args.score else None
+    t0 = time.perf_counter()
+    chunks = 0
+    for chunk in engine.stream(cfg, callback=lambda ev: tick_times.append(time.perf_counter())):
+        chunks += 1
+        if engine._run is not None:
+            store_bytes.append(engine._run.store.nbytes)
+            committed = max(committed, engine._run.store.committed)
+        if keep is not None:
+            keep.append(chunk.frames)
+        # otherwise the frames go nowhere, as they would go straight to a file sink
+    seconds = time.perf_counter() - t0
+    n = len(tick_times)
+    span = max(1, n // 10)
+    gaps = np.diff(tick_times)  # from the end of tick 1 on: tick 0 also pays for text encoding and warm-up
+    out = {
+        "frames": args.frames, "seed": seed, "caption": caption, "set": args.set,
+        "policy": resolved.cfg.kv.policy, "budget_frames": resolved.cfg.kv.budget_frames,
+        "positions": resolved.cfg.kv.positions or engine.model.defaults.get("kv_positions", DEFAULT_KV_POSITIONS),
+        "seconds": seconds, "chunks": chunks, "ticks": n,
+        "tick_s_first10": float(np.median(gaps[:span])), "tick_s_last10": float(np.median(gaps[-span:])),
+        "kv_bytes_max": max(store_bytes, default=0), "kv_bytes_min": min(store_bytes, default=0),
+        "kv_tokens_max": committed,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if keep is not None:
+        from arvideo.world.metrics import score_video
+
+        out.update(score_video(np.concatenate(keep), caption))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(model: str | None, frames: int, seed: int, overrides: list[str], score: bool) -> dict:
+    cmd = [sys.executable, __file__, "child", "--frames", str(frames), "--seed", str(seed)]
+    cmd += ["--model", model] if model else []
+    cmd += ["--score"] if score else []
+    cmd += ["--set", *overrides] if overrides else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+
+
+# -- parent: sections --------------------------------------------------------------------------
+def write_section(name: str, text: str) -> None:
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    doc = DOC.read_text() if DOC.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(doc)
+
+
+def command_line() -> str:
+    return "python scripts/bench_kvstore.py " + " ".join(sys.argv[1:])
+
+
+def memory(args) -> None:
+    jobs = [(f, []) for f in args.frames]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda j: run_child(args.model, j[0], args.seed, args.set, False), jobs))
+    base = rows[0]["peak_rss_mib"]
+    lines = [
+        f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
+        f"{args.model or 'models/shapes-df'}; {args.jobs} run(s) at a time, 1 torch thread each; "
+        f"settings: model defaults{' + ' + ' '.join(args.set) if args.set else ''})",
+        "",
+        "| frames | policy | budget (latent frames) | peak RSS MiB | vs first | KV store MiB | max tokens held "
+        "| s / tick, first 10% | s / tick, last 10% | total s | chunks |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['frames']} | {r['policy']} | {r['budget_frames']} | {r['peak_rss_mib']:.1f} | "
+            f"{100 * (r['peak_rss_mib'] / base - 1):+.1f}% | {r['kv_bytes_max'] / 2**20:.2f} | {r['kv_tokens_max']} | "
+            f"{r['tick_s_first10']:.3f} | {r['tick_s_last10']:.3f} | {r['seconds']:.0f} | {r['chunks']} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.section or "memory", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def quality(args) -> None:
+    import numpy as np
+
+    variants = []
+    for policy in args.policies:
+        for pos in args.positions if policy != "window" else args.positions[:1]:
+            variants.append((policy, pos))
+    jobs = []
+    for policy, pos in variants:
+        overrides = [f"kv.policy={policy}", f"kv.positions={pos}", *args.set]
+        for i in range(args.captions):
+            jobs.append(((policy, pos), args.seed + i, overrides))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: (j[0], run_child(args.model, args.frames[0], j[1], j[2], True)), jobs))
+    lines = [
+        f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
+        f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; captions: held-out world seeds "
+        f"{args.seed}..{args.seed + args.captions - 1}; {args.jobs} run(s) at a time)",
+        "",
+        "| policy | positions | " + " | ".join(METRICS) + " | KV store MiB | peak RSS MiB | s / video |",
+        "| --- | --- |" + " ---: |" * (len(METRICS) + 3),
+    ]
+    for variant in variants:
+        rows = [r for v, r in results if v == variant]
+        mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+        lines.append(
+            f"| {variant[0]} | {variant[1]} | " + " | ".join(f"{mean[m]:.3f}" for m in METRICS)
+            + f" | {np.mean([r['kv_bytes_max'] for r in rows]) / 2**20:.2f} | "
+            f"{np.mean([r['peak_rss_mib'] for r in rows]):.0f} | {np.mean([r['seconds'] for r in rows]):.0f} |"
+        )
+    lines += ["", "Per video (persistence, adherence):", ""]
+    for variant, r in results:
+        lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "
+                     f"adherence {r['adherence']:.3f}")
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.section or "quality", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(r, variant=list(v)) for v, r in results], indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["memory", "quality", "child"])
+    p.add_argument("--model", default=None, help="model folder (default: the embedded models/shapes-df)")
+    p.add_argument("--frames", type=int, nargs="+", default=None,
+                   help="memory: lengths to run (default 160 800 2000 10000); quality: one length (default 2000)")
+    p.add_argument("--captions", type=int, default=12, help="quality: held-out captions per variant")
+    p.add_argument("--seed", type=int, default=10_000, help="first held-out world seed")
+    p.add_argument("--policies", nargs="+", default=["scored", "window", "sink-window", "full"])
+    p.add_argument("--positions", nargs="+", default=["reindexed", "absolute"])
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value for every run")
+    p.add_argument("--jobs", type=int, default=1, help="subprocesses at once")
+    p.add_argument("--quick", action="store_true", help="memory 160 800; quality 160 frames, 2 captions")
+    p.add_argument("--section", default=None, help="docs/kvstore.md section to write (default: the mode)")
+    p.add_argument("--json", default=None, help="also write raw rows here")
+    p.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode == "child":
+        args.frames = args.frames[0]
+        return child(args)
+    if args.frames is None:
+        args.frames = ([160, 800] if args.quick else [160, 800, 2000, 10000]) if args.mode == "memory" else (
+            [160] if args.quick else [2000])
+    if args.quick and args.mode == "quality":
+        args.captions = min(args.captions, 2)
+    (memory if args.mode == "memory" else quality)(args)
+
+
+if __name__ == "__main__":
+    main()

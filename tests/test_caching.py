@@ -1,0 +1,302 @@
+"""Cache policies: the JVP estimate, the schedule DP, exactness at zero threshold, per-chunk decisions."""
+import itertools
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from arvideo.caching import make_policy_factory, parse_preset
+from arvideo.caching.base import PolicyContext
+from arvideo.caching.flowcache import FlowCache
+from arvideo.caching.meancache import MeanCache, average_velocity, finite_difference_jvp
+from arvideo.caching.schedule import shortest_path_schedule
+from arvideo.config import build_config
+from arvideo.engine import Engine
+from arvideo.errors import ConfigError
+from arvideo.model import load_model
+from tests.tiny import save_tiny_model_folder
+
+CAPTION = "a small red circle on a black background"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("model") / "tiny", defaults={"steps": STEPS})
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return Engine(load_model(folder))
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {}
+
+
+def _cfg(preset="none", frames=13, **over):
+    overrides = [f"{k.replace('__', '.')}={v}" for k, v in over.items()]
+    cfg = build_config(prompt=CAPTION, frames=frames, seed=3, overrides=overrides)
+    return replace(cfg, cache=replace(cfg.cache, preset=preset))  # a preset may be a factory object
+
+
+# -- MeanCache's estimator --------------------------------------------------------------------
+def test_jvp_average_velocity_is_exact_for_a_velocity_linear_in_time():
+    # dz/dsigma = a + b sigma  =>  z(sigma) = a sigma + b sigma^2 / 2; the average velocity over
+    # [t, s] is a + b (t + s) / 2, which the secant-JVP recovers exactly (up to fp64 rounding)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    z = lambda s: a * s + b * s * s / 2  # noqa: E731
+    v = lambda s: a + b * s  # noqa: E731
+    for r, t, s in [(1.0, 0.8, 0.5), (0.9, 0.7, 0.65), (0.6, 0.3, 0.0)]:
+        jvp = finite_difference_jvp(z(t), t, z(r), r, v(r))
+        u = average_velocity(v(t), jvp, t, s)
+        exact = (z(s) - z(t)) / (s - t)
+        assert torch.allclose(u, exact, rtol=0, atol=1e-12)
+
+
+def test_jvp_of_order_one_under_euler_is_zero_so_meancache_reuses_the_velocity():
+    sig = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    ctx = PolicyContext(0, 4, sig, sig[:-1] * 1000, lambda x: x, lambda t: t)
+    policy = MeanCache(ctx, {0: 1, 1: 1})
+    z0, v0, v1 = torch.randn(4), torch.randn(4), torch.randn(4)
+    z1 = z0 + (sig[1] - sig[0]) * v0
+    policy.observe(0, z0, v0)
+    policy.observe(1, z1, v1)
+    z2 = z1 + (sig[2] - sig[1]) * v1
+    # float32 rounding of (z1 - z0) / dt - v0: a few ulps of |v| / dt
+    assert torch.allclose(policy.reuse(2, z2), v1, atol=1e-5)
+
+
+# -- peak-suppressed shortest path --------------------------------------------------------------
+def _brute_force(costs, n, budget, gamma):
+    best = math.inf
+    for m in range(0, budget):
+        for inner in itertools.combinations(range(1, n), m):
+            nodes = (0, *inner, n)
+            total = sum(min(costs[k][t][s] ** gamma for k in costs) for t, s in zip(nodes[:-1], nodes[1:]))
+            best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0, 3.0])
+def test_shortest_path_dp_finds_the_brute_force_optimum(gamma):
+    rng = np.random.default_rng(1)
+    n = 7
+    costs = {k: rng.uniform(0.05, 1.0, (n + 1, n + 1)).tolist() for k in (1, 2, 3)}
+    for budget in range(1, n + 1):
+        sched = shortest_path_schedule(costs, budget, gamma)
+        nodes = sched.compute + [n]
+        recomputed = sum(costs[k][t][s] ** gamma for k, t, s in zip(sched.ks, nodes[:-1], nodes[1:]))
+        # same float sums in another order: 1e-12 relative
+        assert sched.compute[0] == 0 and len(sched.compute) <= budget
+        assert recomputed == pytest.approx(sched.cost, rel=1e-12)
+        assert sched.cost == pytest.approx(_brute_force(costs, n, budget, gamma), rel=1e-12)
+
+
+# -- exactness through the engine ---------------------------------------------------------------
+@pytest.mark.parametrize("preset,ar_step", [
+    ("flowcache:tau=0", 1), ("flowcache:tau=0,indicator=modulation", 1), ("combination:tau=0", 1),
+    (f"meancache:budget={STEPS}", 1), ("teacache:tau=0", 1), ("fora:interval=1", 1), ("deepcache:interval=1", 1),
+    ("flowcache:tau=0,reuse=residual", 1),
+    ("flowcache:tau=0,reuse=mean,k=3", 0), ("teacache:tau=0", 0), ("deepcache:interval=1", 0),
+])
+def test_policy_at_zero_threshold_or_full_budget_reproduces_none_bit_exactly(engine, references, preset, ar_step):
+    if ar_step not in references:
+        references[ar_step] = (engine.generate(_cfg("none", frames=9, schedule__ar_step=ar_step)), engine.model_calls)
+    ref, calls = references[ar_step]
+    out = engine.generate(_cfg(preset, frames=9, schedule__ar_step=ar_step))
+    assert np.array_equal(out, ref)
+    assert engine.model_calls == calls
+
+
+class _Tokens:
+    """Wraps the backbone to count latent frames sent through it."""
+
+    def __init__(self, backbone):
+        self.inner, self.frames, self.plans = backbone, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, t, text, plan, store, fps=None):
+        self.frames += x.shape[2]
+        self.plans.append(plan)
+        return self.inner(x, t, text, plan, store, fps=fps)
+
+
+class _SkipOnce:
+    """Test factory: chunk `chunk` skips step `step` (velocity reuse), everything else computes."""
+
+    may_skip = True
+
+    def __init__(self, chunk, step):
+        self.chunk, self.step = chunk, step
+
+    def __call__(self, ctx):
+        outer = self
+
+        class Policy:
+            velocity = None
+
+            def should_compute(self, step, latents):
+                return not (ctx.chunk == outer.chunk and step == outer.step)
+
+            def observe(self, step, latents, velocity):
+                self.velocity = velocity
+
+            def reuse(self, step, latents):
+                return self.velocity
+
+        return Policy()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def test_a_skipped_chunk_sends_no_tokens_to_the_backbone_but_stays_visible_as_context(engine, monkeypatch):
+    counter = _Tokens(engine.backbone)
+    monkeypatch.setattr(engine, "backbone", counter)
+    engine.generate(_cfg("none"))
+    full = counter.frames
+    counter.frames, counter.plans = 0, []
+    engine.generate(_cfg(_SkipOnce(chunk=1, step=2)))
+    assert full - counter.frames == 2  # chunk 1 is 2 latent frames, skipped once
+    with_context = [p for p in counter.plans if p.context]
+    assert len(with_context) == 1 and list(with_context[0].context) == [1]
+
+
+def test_two_chunks_in_flight_decide_alone_from_their_own_inputs():
+    sig = torch.linspace(1, 0, 7)
+    ctx = lambda i: PolicyContext(i, 6, sig, sig[:-1] * 1000, lambda x: x.reshape(1, -1, 1), lambda t: t)  # noqa: E731
+    still, moving = FlowCache(ctx(0), tau=0.05, warmup=1), FlowCache(ctx(1), tau=0.05, warmup=1)
+    x = torch.ones(8)
+    for p in (still, moving):
+        assert p.should_compute(0, x)
+        p.observe(0, x, torch.zeros(8))
+    # chunk 0's latents change by 1%, chunk 1's by 50%: same step, same tau, opposite decisions
+    assert not still.should_compute(1, x * 1.01)
+    assert moving.should_compute(1, x * 1.5)
+
+
+def test_flowcache_chunks_in_flight_make_different_decisions_in_the_engine(engine, monkeypatch):
+    decisions = {}
+    original = FlowCache.should_compute
+
+    def record(self, step, latents):
+        out = original(self, step, latents)
+        decisions[(self.ctx.chunk, step)] = out
+        return out
+
+    monkeypatch.setattr(FlowCache, "should_compute", record)
+    # chunks of one window share every step (ar_step 0) but start from different noise
+    engine.generate(_cfg("flowcache:tau=0.042,warmup=1", frames=17))
+    per_step = {}
+    for (chunk, step), d in decisions.items():
+        per_step.setdefault(step, set()).add(d)
+    assert any(len(ds) == 2 for ds in per_step.values())
+
+
+def test_teacache_makes_one_decision_per_tick_for_all_chunks(engine, monkeypatch):
+    from arvideo.caching.baselines import TeaCache
+
+    decisions, original = [], TeaCache.should_compute
+
+    def record(self, step, latents):
+        out = original(self, step, latents)
+        decisions.append((self.shared, self.forced(step), out))
+        return out
+
+    monkeypatch.setattr(TeaCache, "should_compute", record)
+    engine.generate(_cfg("teacache:tau=0.3,warmup=1", frames=17))
+    assert len({id(s) for s, _, _ in decisions}) == 1  # one shared state for the run
+    assert {d for _, forced, d in decisions if not forced} == {True, False}
+
+
+# -- calibration and presets --------------------------------------------------------------------
+def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, folder, monkeypatch):
+    from arvideo.calibrate import calibrate
+    from arvideo.caching.calibration import FILENAME, save_entry
+
+    cfg = build_config(frames=5, overrides=["sampler.name=euler"])
+    entry = calibrate(engine, cfg, [(0, CAPTION), (1, CAPTION)], budgets=(3,), gammas=(2.0,), ks=(1, 2))
+    # under Euler a single-step edge is exact: C(t, t+1) = 0 up to float32 rounding
+    assert max(entry["costs"]["1"][t][t + 1] for t in range(STEPS)) < 1e-5
+    assert len(entry["modulation_poly"]) == 5
+    save_entry(folder / FILENAME, entry)
+    sched = entry["schedules"][0]
+    seen = {}
+    original = MeanCache.should_compute
+
+    def record(self, step, latents):
+        out = original(self, step, latents)
+        seen.setdefault(self.ctx.chunk, []).append(out)
+        return out
+
+    monkeypatch.setattr(MeanCache, "should_compute", record)
+    try:
+        engine.generate(_cfg("meancache:budget=3,gamma=2", frames=5, sampler__name="euler"))
+    finally:
+        (folder / FILENAME).unlink()
+    # step 0 is forced by the engine without asking; the rest follow the calibrated schedule
+    assert [s for s, d in enumerate([True] + seen[0][:STEPS - 1]) if d] == sched["compute"]
+    with pytest.raises(ValueError, match="evaluation range"):
+        calibrate(engine, cfg, [(10_000, CAPTION)])
+
+
+def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
+    name, params = parse_preset("fast:tau=0.5")
+    assert name == "combination" and params["tau"] == 0.5 and params["k"] == 2
+    assert parse_preset("quality")[0] == "combination"
+    with pytest.raises(ConfigError, match="available: .*fast"):
+        make_policy_factory("fastest", STEPS)
+    with pytest.raises(ConfigError, match="no parameter tua; valid: tau"):
+        make_policy_factory("flowcache:tua=1", STEPS)
+    with pytest.raises(ConfigError, match="key=value"):
+        make_policy_factory("fora:3", STEPS)
+    with pytest.raises(ConfigError, match="choose one of patch, modulation"):
+        make_policy_factory("flowcache:indicator=pixels", STEPS)
+
+
+# -- DeepCache partial compute ---------------------------------------------------------------------
+@pytest.mark.parametrize("first,last", [(1, 1), (0, 0)])  # DeepCache; FlowCache residual reuse (head only)
+def test_shallow_step_with_its_own_residual_and_kv_reproduces_the_full_step(first, last):
+    from arvideo.backbones import CallPlan, WanFamilyBackbone
+    from arvideo.caching.deepcache import DeepPlan
+    from arvideo.kvstore import KVStore
+    from tests.tiny import tiny_transformer
+
+    bb = WanFamilyBackbone(tiny_transformer(layers=4))
+    lay = bb.kv_layout(8, 8)
+    x, t, text = torch.randn(2, 4, 4, 8, 8), torch.tensor([[700, 700, 300, 300]] * 2), bb.prepare_text(torch.randn(2, 5, 16))
+
+    def call(deep):
+        store = KVStore(lay.num_layers, 2, lay.heads, lay.head_dim)
+        plan = CallPlan([2, 2], torch.arange(4), keep_kv=True)
+        return bb(x, t, text, plan, store, deep=deep)
+
+    plain = call(None)
+    full = call({0: DeepPlan(first, last), 1: DeepPlan(first, last)})
+    residual, kv = bb.deep_residuals[0], bb.kept_kv[0]
+    # member 0 skips blocks 1-2 using the residual and K/V of that same input; member 1 (full)
+    # attends to member 0's kept middle-layer K/V: same numbers, other summation order (1e-5)
+    shallow = call({0: DeepPlan(first, last, residual, kv), 1: DeepPlan(first, last)})
+    assert torch.equal(plain, full)
+    assert torch.allclose(shallow, full, rtol=0, atol=1e-5)
+    assert len(bb.kept_kv[0]) == 4 and bb.kept_kv[0][1][0] is kv[1][0]
+    assert (bb.kept_kv[0][0][0] is kv[0][0]) == (first == 0)
+
+
+def test_deepcache_shallow_steps_run_and_stay_close_to_full_compute(engine, references):
+    from arvideo.caching.deepcache import DeepCache
+
+    ref = engine.generate(_cfg("none"))
+    for preset in ("deepcache:interval=2,first=1,last=0", "flowcache:tau=0.1,warmup=1,reuse=residual"):
+        out = engine.generate(_cfg(preset))
+        assert 0 < np.abs(out.astype(float) - ref).mean() < 20  # uint8 frames, random tiny model
+    assert DeepCache(PolicyContext(0, STEPS, torch.linspace(1, 0, STEPS + 1), torch.zeros(STEPS), None, None),
+                     interval=2).full == {0, 1, 3, 5}
