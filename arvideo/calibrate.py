@@ -27,7 +27,7 @@ from .caching.base import PolicyContext
 from .caching.calibration import FILENAME, save_entry
 from .caching.common import relative_l1
 from .caching.meancache import finite_difference_jvp
-from .caching.schedule import shortest_path_schedule
+from .caching.schedule import displacement_costs, shortest_path_schedule
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,14 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
     x = np.array([relative_l1(modulation[i], modulation[i - 1]) for i in range(1, r.steps)])
     y = acc.velocity_change[1:] / max(acc.count, 1)
     costs = acc.costs()
+    finite = {k: [[np.inf if c is None else c for c in row] for row in tab] for k, tab in costs.items()}
     schedules = []
-    for gamma in gammas:
-        for budget in budgets:
-            s = shortest_path_schedule({k: [[np.inf if c is None else c for c in row] for row in tab]
-                                        for k, tab in costs.items()}, budget, gamma)
-            schedules.append({"budget": int(budget), "gamma": float(gamma), "compute": s.compute, "K": s.ks,
-                              "cost": s.cost})
+    for kind, table in (("displacement", displacement_costs(finite, sampler.sigmas)), ("velocity", finite)):
+        for gamma in gammas:
+            for budget in budgets:
+                s = shortest_path_schedule(table, budget, gamma)
+                schedules.append({"cost_kind": kind, "budget": int(budget), "gamma": float(gamma),
+                                  "compute": s.compute, "K": s.ks, "cost": s.cost})
     return {
         "sampler": sc.name, "steps": r.steps, "shift": float(sc.shift), "grid": sc.grid,
         "sigmas": [float(s) for s in sampler.sigmas],
@@ -229,7 +230,7 @@ def run(args) -> int:
     save_entry(out, entry)
     if not args.quiet:
         for s in entry["schedules"]:
-            print(f"budget {s['budget']:>3} gamma {s['gamma']:.1f}: compute {s['compute']} K {s['K']} "
+            print(f"{s['cost_kind']:>12} budget {s['budget']:>3} gamma {s['gamma']:.1f}: compute {s['compute']} K {s['K']} "
                   f"cost {s['cost']:.4g}", file=sys.stderr)
         print(f"wrote {out} ({entry['sampler']}, {entry['steps']} steps, {entry['chunks']} chunks)", file=sys.stderr)
     return 0

@@ -65,6 +65,7 @@ def _add_render(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue interrupted jobs from their state files")
     p.add_argument("--state-every", type=float, default=0.0, metavar="SECONDS",
                    help="save each job's resumable state at most this often (default 0: after every chunk)")
+    p.add_argument("--no-state", action="store_true", help="do not save resumable states")
     p.add_argument("--preview", default=None, metavar="DIR", help="live previews, one subdirectory per job")
     p.add_argument("--serve", nargs="?", type=int, const=8765, default=None, metavar="PORT",
                    help="serve the live preview page on http://127.0.0.1:PORT while rendering (default 8765)")
@@ -215,7 +216,7 @@ def _ray_address_fixup(args) -> None:
 
 def cmd_render(args) -> int:
     from . import sinks  # noqa: F401 - imported before the baseline is measured
-    from .memory import PeakMeter, format_size, parse_size, return_freed_memory_to_the_os
+    from .memory import Plan, PeakMeter, format_size, parse_size, return_freed_memory_to_the_os
     from .render import (describe_plan, load_jobs, plan_jobs, remove_resume_leftovers, render_local, render_ray,
                          stale_states, summary_table, validate_jobs)
 
@@ -240,10 +241,12 @@ def cmd_render(args) -> int:
     max_parallel = args.parallel if args.parallel is not None else (min(4, len(jobs)) if limit else 1)
     if max_parallel < 1:
         raise ArvideoError(f"--parallel must be >= 1, got {max_parallel}")
-    plan, jobs = plan_jobs(jobs, limit, max_parallel, baseline=meter.baseline() if limit or args.plan else 0,
-                           separate_processes=args.ray is not None)
-    if limit or args.plan or args.verbose:
+    if limit or args.plan or args.verbose:  # estimating costs a meta-device pass per job (seconds, once)
+        plan, jobs = plan_jobs(jobs, limit, max_parallel, baseline=meter.baseline(),
+                               separate_processes=args.ray is not None, save_state=not args.no_state)
         print(describe_plan(plan, jobs), file=sys.stderr)
+    else:
+        plan = Plan(None, 0, 0, max_parallel, [])
     if args.plan:
         return 0
     remove_resume_leftovers(jobs)
@@ -254,10 +257,12 @@ def cmd_render(args) -> int:
             memory = [plan.baseline + jp.estimate.weights + jp.estimate.dynamic for jp in plan.jobs] if limit else None
             results = render_ray(jobs, address=args.ray, cpus_per_job=args.cpus_per_job,
                                  gpus_per_job=args.gpus_per_job, memory_per_job=memory, retries=args.retries,
-                                 state_every=args.state_every, preview=preview_dir, progress=not args.quiet)
+                                 save_state=not args.no_state, state_every=args.state_every, preview=preview_dir,
+                                 progress=not args.quiet)
         else:
-            results = render_local(jobs, parallel=plan.parallel, resume=args.resume, state_every=args.state_every,
-                                   preview=preview_dir, progress=not args.quiet, measure_each=plan.parallel == 1)
+            results = render_local(jobs, parallel=plan.parallel, resume=args.resume, save_state=not args.no_state,
+                                   state_every=args.state_every, preview=preview_dir, progress=not args.quiet,
+                                   measure_each=plan.parallel == 1)
     except KeyboardInterrupt:
         print("interrupted: finished outputs stay; continue the rest with --resume", file=sys.stderr)
         return 130

@@ -29,7 +29,7 @@ from .errors import ConfigError
 
 EVICTION_POLICIES = ("full", "window", "sink-window", "scored")
 POSITION_MODES = ("absolute", "reindexed")
-QUERY_MODES = ("chunk", "last-frame")
+QUERY_MODES = ("chunk", "last-frame", "commit", "commit-last-frame")
 DEFAULT_KV_POSITIONS = "reindexed"  # kv.positions when neither the request nor the model folder sets it
 
 
@@ -49,7 +49,9 @@ class ScoredEviction:
 
     lam: float = 0.07  # weight of importance against redundancy
     pool_width: int = 7  # max-pool of importance along token order
-    queries: str = "chunk"  # chunk: every query of the chunks being denoised; last-frame: their last latent frame
+    # chunk: every query of the chunks being denoised; last-frame: their last latent frame;
+    # commit / commit-last-frame: the same for the chunks being committed (their clean re-run)
+    queries: str = "chunk"
     protect_sink: bool = True  # always keep the first chunk
     protect_recent: bool = True  # always keep the most recently committed chunk
 
@@ -167,12 +169,12 @@ class KVStore:
         self.values[layer][:, :, start:end] = v
 
     def observe_queries(self, layer: int, queries: torch.Tensor, commit_tokens: int = 0) -> None:
-        """Sees the queries [B, H, n, d] of the chunks being denoised, after this call's keys are written.
+        """Sees the queries [B, H, n, d] of the call's computed chunks, after its keys are written.
 
-        commit_tokens: leading scratch tokens this call commits (kv.commit=clean). When the next
-        commit may overflow the budget, scored eviction records now how much the queries of the
-        conditional pass attend to each key that could then be kept: softmax over those keys,
-        averaged over the queries.
+        commit_tokens: the leading tokens that belong to chunks this call commits (kv.commit=clean);
+        the rest are the chunks being denoised. When the commit may overflow the budget, scored
+        eviction records now how much the conditional pass's queries (`kv.queries`) attend to
+        each key that could then be kept: softmax over those keys, averaged over the queries.
         """
         if self.policy != "scored":
             return
@@ -180,8 +182,9 @@ class KVStore:
         if end <= self.budget or (self.clean_commit and commit_tokens == 0):
             self.importance = self.importance[:layer] + [None] + self.importance[layer + 1 :]
             return
-        q = queries[0]
-        if self.scoring.queries == "last-frame":
+        mode = self.scoring.queries
+        q = queries[0, :, :commit_tokens] if mode.startswith("commit") else queries[0, :, commit_tokens:]
+        if mode.endswith("last-frame"):
             q = q[:, -self.tokens_per_frame :]
         imp = eviction.attention_importance(q, self.keys[layer][0, :, :end])
         self.importance = self.importance[:layer] + [imp] + self.importance[layer + 1 :]

@@ -136,18 +136,35 @@ class MemoryEstimate:
         return " + ".join(f"{name} {format_size(v)}" for name, v in parts if v)
 
 
-def _kv_capacity_tokens(policy: str, budget_tokens: int | None, scratch: int, chunk_tokens: int,
-                        num_chunks: int) -> int:
-    """Largest capacity the store reaches, following `KVStore.reserve`'s growth rule."""
-    if policy != "full":
-        return (budget_tokens or 0) + scratch
-    capacity, committed = max(scratch, 1), 0
-    for _ in range(num_chunks):
-        need = committed + scratch
+def _kv_tokens(sched, tokens_per_frame: int, policy: str, budget_tokens: int | None) -> tuple[int, int]:
+    """(largest capacity, most committed tokens) of the KV store over the whole schedule.
+
+    Replays the schedule's ticks (lazily, O(in flight) each) through `KVStore`'s rules: a call
+    reserves room for its commits and active chunks after the committed tokens, a `full` store
+    grows to max(need, 2 x capacity), a bounded one evicts the oldest chunks down to its budget.
+    """
+    def frames(i: int) -> int:
+        start, end = sched.chunk_frames(i)
+        return end - start
+
+    scratch = (sched.max_in_flight + 1) * max(frames(0), 1) * tokens_per_frame
+    capacity = max((budget_tokens or 0) + scratch, 1)
+    committed = peak_committed = 0
+    held: list[int] = []
+    for tick in sched.ticks():
+        commit = [frames(i) * tokens_per_frame for i in tick.commit]
+        call = sum(commit) + sum(frames(i) for i, _ in tick.active) * tokens_per_frame
+        need = committed + call
         if need > capacity:
-            capacity = max(need, 2 * capacity)
-        committed += chunk_tokens
-    return capacity
+            capacity = max(need, 2 * capacity) if budget_tokens is None else need
+        held += commit
+        committed += sum(commit)
+        if budget_tokens is not None:
+            keep_first = 1 if policy == "sink-window" else 0
+            while committed > budget_tokens and len(held) > keep_first + 1:
+                committed -= held.pop(keep_first)
+        peak_committed = max(peak_committed, committed)
+    return capacity, peak_committed
 
 
 def decoder_bytes(vae: torch.nn.Module, latent_height: int, latent_width: int, cpu: bool = True) -> int:
@@ -208,14 +225,12 @@ def estimate_request(engine, cfg: GenerateConfig, weights: int, *, save_state: b
             call_tokens = min(call_tokens, ((r.cfg.schedule.base_num_frames - 1) // engine.model.temporal_factor + 1) * tpf)
         committed = 0
     else:
-        scratch = (sched.max_in_flight + 1) * r.block * tpf
         kvc = r.cfg.kv
         budget = kvc.budget_frames * tpf if kvc.policy != "full" and kvc.budget_frames else None
-        capacity = _kv_capacity_tokens(kvc.policy, budget, scratch, r.block * tpf, sched.num_chunks)
+        capacity, committed = _kv_tokens(sched, tpf, kvc.policy, budget)
         kv = capacity * per_token + capacity * per_token // (2 * lay.num_layers)  # + one buffer mid-growth
-        committed = min(capacity, budget or r.latent_frames * tpf)
         kept = 0 if r.cfg.cache.preset in ("none", None) else sched.max_in_flight * r.block * tpf * per_token
-        call_tokens = scratch
+        call_tokens = (sched.max_in_flight + 1) * r.block * tpf
     kv += kept
     # one layer of one call: x, q/k/v, float64 rotary temporaries, attention outputs, the FFN
     ffn = tcfg.ffn_dim

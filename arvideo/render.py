@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import VALID_KEYS, GenerateConfig, build_config
-from .errors import ArvideoError, ConfigError, ModelFolderError, PromptError
+from .errors import ConfigError, ModelFolderError, PromptError
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -722,6 +722,7 @@ def render_local(
     *,
     parallel: int = 1,
     resume: bool = False,
+    save_state: bool = True,
     state_every: float = 0.0,
     preview: str | Path | None = None,
     progress: bool = True,
@@ -734,6 +735,14 @@ def render_local(
     models = _Models(jobs)
     bars = BatchProgress(jobs, disable=not progress)
     results: dict[int, JobResult] = {}
+    stop = threading.Event()  # Ctrl-C: running jobs stop after their current chunk (their state is saved)
+
+    def progress_of(job: Job) -> Callable[[int], None]:
+        def update(n: int) -> None:
+            bars.update(job.name, n)
+            if stop.is_set():
+                raise KeyboardInterrupt
+        return update
 
     def work(job: Job) -> JobResult:
         try:
@@ -746,26 +755,30 @@ def render_local(
             except Exception as exc:  # noqa: BLE001 - a missing or broken model fails this job only
                 return JobResult(job.name, False, 0, job.cfg.frames, 0.0, reason=str(exc),
                                  error_type=type(exc).__name__, input_error=isinstance(exc, _INPUT_ERRORS))
-            result = run_job(job, engine, resume=resume, state_every=state_every,
-                             preview=_preview_dir(preview, job),
-                             on_progress=lambda n: bars.update(job.name, n))
+            result = run_job(job, engine, resume=resume, save_state=save_state, state_every=state_every,
+                             preview=_preview_dir(preview, job), on_progress=progress_of(job))
             if meter:
                 result.peak_bytes = meter.peak()
             return result
         finally:
             models.release(job)
 
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="arvideo-job")
     try:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="arvideo-job") as pool:
-            futures = {pool.submit(work, j): j for j in jobs}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    job = futures[fut]
-                    results[job.index] = fut.result()
-                    bars.finish(job, results[job.index])
+        futures = {pool.submit(work, j): j for j in jobs}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = futures[fut]
+                results[job.index] = fut.result()
+                bars.finish(job, results[job.index])
+    except KeyboardInterrupt:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         bars.close()
     return [results[j.index] for j in jobs]
 
@@ -805,7 +818,7 @@ def _ray_task(job: Job, options: dict, reporter) -> JobResult:
         return JobResult(job.name, False, 0, job.cfg.frames, 0.0, reason=str(exc), error_type=type(exc).__name__,
                          input_error=isinstance(exc, _INPUT_ERRORS))
     # a retried task (the previous worker was lost) continues from the state that worker saved
-    result = run_job(job, engine, resume=True, state_every=options["state_every"],
+    result = run_job(job, engine, resume=True, save_state=options["save_state"], state_every=options["state_every"],
                      preview=_preview_dir(options["preview"], job), on_progress=on_progress)
     result.peak_bytes = meter.peak()
     return result
@@ -832,6 +845,7 @@ def render_ray(
     gpus_per_job: float | None = None,
     memory_per_job: list[int] | None = None,
     retries: int = 3,
+    save_state: bool = True,
     state_every: float = 0.0,
     preview: str | Path | None = None,
     progress: bool = True,
@@ -859,7 +873,8 @@ def render_ray(
         reporter = ray.remote(num_cpus=0)(_Reporter).remote()
         task = ray.remote(_ray_task)
         refs = {}
-        options = {"state_every": state_every, "preview": str(preview) if preview is not None else None}
+        options = {"save_state": save_state, "state_every": state_every,
+                   "preview": str(preview) if preview is not None else None}
         for j in jobs:
             gpus = gpus_per_job if gpus_per_job is not None else (1.0 if str(j.cfg.device).startswith("cuda") else 0.0)
             opts: dict[str, Any] = {"num_cpus": cpus_per_job, "num_gpus": gpus, "max_retries": retries,

@@ -320,6 +320,30 @@ def write_doc(path: Path, text: str) -> None:
     path.write_text(doc)
 
 
+def report(rows: list[dict], meta: dict, args) -> None:
+    summary = summarise(rows)
+    text = markdown(summary, meta)
+    print(text)
+    write_doc(Path(args.doc), text)
+    plot(summary, Path(args.plot))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+
+
+def merge(args, argv) -> int:
+    """Summarises rows of several runs (same captions); their `none` rows are pooled."""
+    rows, metas = [], []
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        rows += data["rows"]
+        metas.append(data["meta"])
+    meta = dict(metas[0])
+    meta["command"] = " ; ".join(m["command"] for m in metas) + " ; python scripts/bench_caching.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    report(rows, meta, args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded shapes model)")
@@ -330,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 24 frames, 1 caption, the quick sweep")
     p.add_argument("--only", default=None, help="comma-separated families to run (besides none)")
     p.add_argument("--extra", action="append", default=None, metavar="PRESET",
-                   help="another preset to run, e.g. combination:tau=0.5,warmup=2 (repeatable)")
+                   help="another preset to run, e.g. combination:tau=0.5,warmup=2 or none@5 (5 steps) (repeatable)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher-forced runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--doc", default=str(ROOT / "docs" / "caching.md"))
@@ -338,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_caching.json"))
     p.add_argument("--config", action="append", default=None, help="YAML config (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampler.name=euler")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no runs: summarise the rows of these --json files (e.g. two processes, each with --only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args, argv)
     if args.quick:
         args.frames, args.captions, args.sweep = min(args.frames, 24), 1, "quick"
 
@@ -354,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         configs = [c for c in configs if c[0] in keep]
-    configs += [(preset.partition(":")[0], preset, preset, steps) for preset in args.extra or []]
+    for item in args.extra or []:
+        preset, _, at = item.partition("@")
+        name = preset.partition(":")[0]
+        family = "fewer-steps" if name == "none" else "presets" if name in ("fast", "quality") else name
+        configs.append((family, item, preset, int(at) if at else steps))
     captions = heldout_captions(args.captions, args.seed_offset)
     # warm-up (lazy imports, allocator, kernels) so the first timed run is not charged for it
     engine.generate(replace(base, prompt=captions[0][1], seed=captions[0][0], frames=min(args.frames, 16)))
@@ -384,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"  TF {row.get('psnr_tf', float('nan')):.1f}  first {row['psnr_first']:.1f}"
                   f"  free {row['psnr_free']:.1f}", file=sys.stderr, flush=True)
             json_path.write_text(json.dumps(rows, indent=1))
-    summary = summarise(rows)
     model_dir = Path(engine.model.path)
     note = ""
     arv = model_dir / "arvideo.json"
@@ -400,11 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampler": r.cfg.sampler.name, "schedule": f"{r.cfg.schedule.name} ar_step={r.cfg.schedule.ar_step} "
         f"block={r.block}", "command": "python scripts/bench_caching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    text = markdown(summary, meta)
-    print(text)
-    write_doc(Path(args.doc), text)
-    plot(summary, Path(args.plot))
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    report(rows, meta, args)
     return 0
 
 

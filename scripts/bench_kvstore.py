@@ -29,6 +29,11 @@ DOC = ROOT / "docs" / "kvstore.md"
 METRICS = ("adherence", "persistence", "spurious", "smoothness", "background", "flicker")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 # -- child: one generation --------------------------------------------------------------------
 def child(args) -> None:
     import numpy as np
@@ -47,10 +52,15 @@ def child(args) -> None:
     tick_times: list[float] = []
     store_bytes, committed = [], 0
     keep = [] if args.score else None
+    total_chunks = engine.make_schedule(resolved).num_chunks
+    rss_trace = []  # resident MiB at every tenth of the chunks: growth vs a one-off peak
     t0 = time.perf_counter()
     chunks = 0
-    for chunk in engine.stream(cfg, callback=lambda ev: tick_times.append(time.perf_counter())):
+    # CPU seconds of this process per tick: on a shared machine wall time measures the neighbours
+    for chunk in engine.stream(cfg, callback=lambda ev: tick_times.append(time.process_time())):
         chunks += 1
+        if chunks % max(1, total_chunks // 10) == 0:
+            rss_trace.append(round(_rss_mib(), 1))
         if engine._run is not None:
             store_bytes.append(engine._run.store.nbytes)
             committed = max(committed, engine._run.store.committed)
@@ -69,12 +79,45 @@ def child(args) -> None:
         "tick_s_first10": float(np.median(gaps[:span])), "tick_s_last10": float(np.median(gaps[-span:])),
         "kv_bytes_max": max(store_bytes, default=0), "kv_bytes_min": min(store_bytes, default=0),
         "kv_tokens_max": committed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_trace_mib": rss_trace,
     }
     if keep is not None:
         from arvideo.world.metrics import score_video
 
         out.update(score_video(np.concatenate(keep), caption))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def fidelity_child(args) -> None:
+    """Teacher-forced: every policy denoises each chunk from the same (full-context) reference
+    history; the relative L2 distance of its clean latents to the full-cache run's is the error
+    its eviction alone causes (no compounding)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from arvideo.config import build_config
+    from arvideo.engine import Engine
+    from arvideo.evaluate import heldout_captions
+
+    seed, caption = heldout_captions(1, args.seed)[0]
+    engine = Engine.from_folder(args.model)
+
+    def run(overrides, teacher=None):
+        cfg = build_config(prompt=caption, frames=args.frames, seed=seed, overrides=args.set + overrides)
+        return {c.index: c.latents for c in engine.stream(cfg, decode=False, teacher=teacher)}
+
+    reference = run(["kv.policy=full", "kv.positions=absolute"])
+    budget = engine.resolve(build_config(prompt=caption, overrides=args.set + ["kv.policy=window"])).cfg.kv.budget_frames
+    first = budget // engine.resolve(build_config(prompt=caption, overrides=args.set)).block + 1  # chunks after the first eviction
+    out = {"frames": args.frames, "seed": seed, "caption": caption, "set": args.set, "budget_frames": budget, "rows": []}
+    for variant in args.variants:
+        policy, positions, *extra = variant.split("/")  # e.g. scored/absolute/kv.queries=last-frame
+        t0 = time.perf_counter()
+        got = run([f"kv.policy={policy}", f"kv.positions={positions}", *extra], teacher=lambda i: reference[i])
+        err = [float((got[i] - reference[i]).norm() / reference[i].norm()) for i in sorted(got) if i >= first]
+        out["rows"].append({"variant": variant, "rel_err_mean": float(np.mean(err)), "rel_err_max": float(np.max(err)),
+                            "chunks": len(err), "seconds": time.perf_counter() - t0})
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -118,7 +161,7 @@ def memory(args) -> None:
         f"settings: model defaults{' + ' + ' '.join(args.set) if args.set else ''})",
         "",
         "| frames | policy | budget (latent frames) | peak RSS MiB | vs first | KV store MiB | max tokens held "
-        "| s / tick, first 10% | s / tick, last 10% | total s | chunks |",
+        "| CPU s / tick, first 10% | CPU s / tick, last 10% | wall s | chunks |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -175,9 +218,42 @@ def quality(args) -> None:
         Path(args.json).write_text(json.dumps([dict(r, variant=list(v)) for v, r in results], indent=1))
 
 
+def fidelity(args) -> None:
+    cmd = [sys.executable, __file__, "fidelity-child", "--frames", str(args.frames[0]), "--variants", *args.variants]
+    rows = []
+    for i in range(args.captions):
+        full = cmd + ["--seed", str(args.seed + i)] + (["--model", args.model] if args.model else [])
+        full += ["--set", *args.set] if args.set else []
+        proc = subprocess.run(full, capture_output=True, text=True, cwd=ROOT)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"{' '.join(full)} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(lines[0][7:]))
+    lines = [
+        f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
+        f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; budget {rows[0]['budget_frames']} latent frames; "
+        f"captions: held-out world seeds {args.seed}..{args.seed + args.captions - 1})",
+        "",
+        "Relative L2 error of each chunk's clean latents against the full-cache run, teacher-forced "
+        "(every chunk sees the full run's history, so only the eviction differs), over chunks after the first eviction:",
+        "",
+        "| policy / positions | mean rel. error | max rel. error | chunks |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for v in args.variants:
+        rs = [r for row in rows for r in row["rows"] if r["variant"] == v]
+        lines.append(f"| {v} | {sum(r['rel_err_mean'] for r in rs) / len(rs):.4f} | "
+                     f"{max(r['rel_err_max'] for r in rs):.4f} | {sum(r['chunks'] for r in rs)} |")
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.section or "fidelity", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["memory", "quality", "child"])
+    p.add_argument("mode", choices=["memory", "quality", "fidelity", "child", "fidelity-child"])
     p.add_argument("--model", default=None, help="model folder (default: the embedded models/shapes-df)")
     p.add_argument("--frames", type=int, nargs="+", default=None,
                    help="memory: lengths to run (default 160 800 2000 10000); quality: one length (default 2000)")
@@ -190,17 +266,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="memory 160 800; quality 160 frames, 2 captions")
     p.add_argument("--section", default=None, help="docs/kvstore.md section to write (default: the mode)")
     p.add_argument("--json", default=None, help="also write raw rows here")
+    p.add_argument("--variants", nargs="+", default=["scored/absolute", "window/absolute", "sink-window/absolute",
+                                                      "scored/reindexed", "sink-window/reindexed"],
+                   help="fidelity: policy/positions pairs compared with full/absolute")
     p.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.mode == "child":
+    if args.mode in ("child", "fidelity-child"):
         args.frames = args.frames[0]
-        return child(args)
+        return (child if args.mode == "child" else fidelity_child)(args)
     if args.frames is None:
         args.frames = ([160, 800] if args.quick else [160, 800, 2000, 10000]) if args.mode == "memory" else (
-            [160] if args.quick else [2000])
-    if args.quick and args.mode == "quality":
-        args.captions = min(args.captions, 2)
-    (memory if args.mode == "memory" else quality)(args)
+            [160] if args.quick else [2000] if args.mode == "quality" else [400])
+    if args.quick and args.mode != "memory":
+        args.captions = min(args.captions, 2 if args.mode == "quality" else 1)
+    {"memory": memory, "quality": quality, "fidelity": fidelity}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--flow-shift", type=float, default=3.0, help="scheduler flow_shift (also in arvideo.json)")
     p.add_argument("--ar-step", type=int, default=0, help="arvideo.json: default ar_step")
     p.add_argument("--verify", action="store_true", help="reload the folder and generate a 15-frame video")
+    p.add_argument("--eval", action="store_true",
+                   help="reload the folder and score the training-time evaluation videos (train_transformer.py protocol)")
     args = p.parse_args()
     torch.set_num_threads(2)
 
@@ -108,7 +110,26 @@ def main() -> None:
                    num_inference_steps=4, guidance_scale=defaults["guidance_scale"], causal_block_size=cbs,
                    output_type="np").frames[0]
         print(f"verify: generated {out.shape} in [{out.min():.2f}, {out.max():.2f}]")
+    if args.eval:
+        print("eval", evaluate_folder(args.out), flush=True)
 
 
 if __name__ == "__main__":
     main()
+
+
+def evaluate_folder(folder: Path, eval_steps: int = 16, eval_frames: int = 31) -> dict:
+    """Load `folder` with from_pretrained and run train_transformer.py's evaluation protocol on it."""
+    import argparse as _argparse
+
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    from train_transformer import evaluate_model
+
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(folder)
+    d = json.loads((folder / "arvideo.json").read_text())
+    args = _argparse.Namespace(causal_block_size=d["causal_block_size"], clip_latents=d["train_clip_latent_frames"],
+                               eval_flow_shift=d["flow_shift"], eval_frames=eval_frames, eval_steps=eval_steps,
+                               eval_guidance=d["guidance_scale"], context_noise=d["context_noise"])
+    model = torch.nn.ModuleDict(dict(transformer=pipe.transformer, text_encoder=pipe.text_encoder))
+    return evaluate_model(model, pipe.vae, pipe.tokenizer, args)

@@ -69,8 +69,10 @@ def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 2)
 
 
-def vae_loss(vae: AutoencoderKLWan, x: torch.Tensor, w: torch.Tensor, kl_weight: float, sample: bool = False):
-    post = vae.encode(x).latent_dist
+def vae_loss(vae: AutoencoderKLWan, x: torch.Tensor, w: torch.Tensor, kl_weight: float, sample: bool = False,
+             decoder_only: bool = False):
+    with torch.set_grad_enabled(not decoder_only):
+        post = vae.encode(x).latent_dist
     # Decoding the posterior mean (not a sample) learns far faster in a short CPU budget; the
     # transformer is trained on posterior means anyway. The KL term then only bounds the means.
     z = post.sample() if sample else post.mode()
@@ -118,6 +120,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100000, help="stop after this many optimiser steps")
     p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (then evaluate and save)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (fresh optimiser)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="freeze encoder + quant_conv (the latent space, and the --init latent statistics, stay as they are)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=9, help="frames per training clip (1 + 4k)")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -135,7 +140,14 @@ def main() -> None:
     setup_torch(args.threads, args.seed)
     device = torch.device(args.device)
     vae = build_vae().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    init_ck = None
+    if args.init is not None:
+        init_ck = torch.load(args.init, map_location=device, weights_only=False)
+        vae.load_state_dict(init_ck["vae"])
+    if args.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in vae.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, wall_before = 0, 0.0
     last = args.out / "last.pt"
     if args.resume and last.exists():
@@ -169,7 +181,7 @@ def main() -> None:
         x, w = sample_batch(rng, args.batch, args.frames, TRAIN_SEED_BASE, 10**8)
         x, w = x.to(device), w.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, parts = vae_loss(vae, x, w, args.kl_weight, args.sample_posterior)
+            loss, parts = vae_loss(vae, x, w, args.kl_weight, args.sample_posterior, args.decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -187,7 +199,10 @@ def main() -> None:
 
     vae.eval()
     value = evaluate_psnr(vae)
-    mean, std = latent_stats(vae)
+    if args.decoder_only and init_ck is not None and "latents_mean" in init_ck:
+        mean, std = init_ck["latents_mean"], init_ck["latents_std"]  # encoder frozen: same latent space
+    else:
+        mean, std = latent_stats(vae)
     wall = wall_before + clock.elapsed()
     save(dict(psnr=value, latents_mean=mean, latents_std=std))
     summary = dict(step=step, wall_s=round(wall, 1), psnr_db=round(value, 2), latents_mean=mean, latents_std=std,

@@ -229,6 +229,7 @@ def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, 
     assert len(entry["modulation_poly"]) == 5
     save_entry(folder / FILENAME, entry)
     sched = entry["schedules"][0]
+    assert sched["cost_kind"] == "displacement"  # what the preset uses by default
     seen = {}
     original = MeanCache.should_compute
 

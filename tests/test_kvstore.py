@@ -39,7 +39,7 @@ def _filled_store(policy="scored", *, layers=2, batch=2, heads=3, d=8, chunks=6,
         store.reserve(length)
         for layer, (k, v) in enumerate(kv):
             store.write(layer, k, v)
-            store.observe_queries(layer, torch.randn(batch, heads, 5, d), commit_tokens=length)
+            store.observe_queries(layer, torch.randn(batch, heads, length + 5, d), commit_tokens=length)
         store.commit([(c, length)])
         fed.append(kv)
     return store, fed

@@ -243,7 +243,7 @@ class WanFamilyBackbone:
             ]
         elif not plan.context:
             store.write(layer, k, v)
-            store.observe_queries(layer, q[:, :, bounds[plan.commit] :], bounds[plan.commit])
+            store.observe_queries(layer, q, bounds[plan.commit])
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 ks, vs = store.view(layer, e)
@@ -260,7 +260,7 @@ class WanFamilyBackbone:
                     spans.append((hidden, hidden + e - s, e))
                     hidden += e - s
             first_active = spans[plan.commit][0] if len(spans) > plan.commit else q.shape[2]
-            store.observe_queries(layer, q[:, :, first_active:], bounds[plan.commit])
+            store.observe_queries(layer, q, bounds[plan.commit])
             outs = []
             for hs, he, e in spans:
                 ks, vs = store.view(layer, e)

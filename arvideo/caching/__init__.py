@@ -23,7 +23,7 @@ from .deepcache import DeepCache
 from .flowcache import FlowCache, ResidualFlowCache
 from .meancache import MeanCache, uniform_schedule
 from .none import NoCache
-from .schedule import shortest_path_schedule
+from .schedule import displacement_costs, shortest_path_schedule
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cache"
 
@@ -62,7 +62,8 @@ def build_flowcache(steps: int, model_dir, tau: float = 0.05, warmup: int = 5, i
 
 
 def build_combination(steps: int, model_dir, tau: float = 0.05, warmup: int = 3, indicator: str = "patch",
-                      k: int = 2, max_skip: int | None = None, budget: int | None = None, gamma: float = 2.0):
+                      k: int = 2, max_skip: int | None = None, budget: int | None = None, gamma: float = 2.0,
+                      cost: str = "displacement"):
     """Per-chunk FlowCache decisions; skipped steps take MeanCache's average velocity.
 
     budget: also compute the calibrated MeanCache schedule of this many calls (with its K per step);
@@ -70,22 +71,27 @@ def build_combination(steps: int, model_dir, tau: float = 0.05, warmup: int = 3,
     """
 
     def make(ctx: PolicyContext, entry: dict | None) -> FlowCache:
-        schedule = _schedule(ctx, entry, budget, gamma, k) if budget is not None else None
+        schedule = _schedule(ctx, entry, budget, gamma, k, cost) if budget is not None else None
         return FlowCache(ctx, tau, warmup, indicator, _poly(entry), "mean", k, max_skip, schedule)
 
     return _Factory(make, True, model_dir, calibrated=budget is not None or indicator == "modulation")
 
 
-def _schedule(ctx: PolicyContext, entry: dict | None, budget: int, gamma: float, k: int) -> dict[int, int]:
+def _schedule(ctx: PolicyContext, entry: dict | None, budget: int, gamma: float, k: int,
+              cost: str = "displacement") -> dict[int, int]:
     """MeanCache's compute steps {step: K}: the calibrated shortest path, else an even spread."""
     if budget >= ctx.steps:  # nothing to skip: full compute, whatever the costs say
         return {s: k for s in range(ctx.steps)}
     if entry is not None and entry.get("costs"):
-        return shortest_path_schedule(costs_from_entry(entry), budget, gamma).as_dict()
+        costs = costs_from_entry(entry)
+        if cost == "displacement":
+            costs = displacement_costs(costs, entry["sigmas"])
+        return shortest_path_schedule(costs, budget, gamma).as_dict()
     return uniform_schedule(ctx.steps, budget, k)
 
 
-def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: float = 2.0, k: int = 2):
+def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: float = 2.0, k: int = 2,
+                    cost: str = "displacement"):
     """MeanCache on the peak-suppressed shortest-path schedule for `budget` model calls per chunk.
 
     Calibrated edge costs come from the model's calibration file; without one the budget is
@@ -94,7 +100,7 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
     budget = steps if budget is None else int(budget)
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
-        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k))
+        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost))
 
     return _Factory(make, True, model_dir, calibrated=True)
 
@@ -128,7 +134,7 @@ POLICIES: dict[str, Callable[..., PolicyFactory]] = {
 }
 PRESETS = POLICIES  # the built-in names; YAML presets in configs/cache/ are found by name too
 CHOICES = {"indicator": ("patch", "modulation"), "reuse": ("velocity", "mean", "residual"),
-           "schedule": ("uniform", "nonuniform")}
+           "schedule": ("uniform", "nonuniform"), "cost": ("displacement", "velocity")}
 
 
 def _parse_value(text: str) -> Any:

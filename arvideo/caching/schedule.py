@@ -23,6 +23,13 @@ class Schedule:
         return dict(zip(self.compute, self.ks))
 
 
+def displacement_costs(costs: dict[int, list[list[float]]], sigmas) -> dict[int, list[list[float]]]:
+    """C_K(t, s) * |sigma_s - sigma_t|: the mean error of the latents reached at s."""
+    sig = [float(x) for x in sigmas]
+    return {k: [[abs(sig[s] - sig[t]) * c for s, c in enumerate(row)] for t, row in enumerate(table)]
+            for k, table in costs.items()}
+
+
 def edge_weights(costs: dict[int, list[list[float]]], gamma: float) -> tuple[list[list[float]], list[list[int]]]:
     """Best K per edge: w[t][s] = min_K C_K[t][s]^gamma and that K (inf where no K is defined)."""
     n = len(next(iter(costs.values()))) - 1
