@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .backbones import CallPlan, WanFamilyBackbone
 from .caching import PolicyContext, make_policy_factory
+from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .config import GenerateConfig
 from .errors import ConfigError, NonFiniteError
@@ -244,8 +245,8 @@ class Engine:
     def _new_chunk(self, r: Resolved, index: int, start: int, end: int, sampler: Sampler, policy_factory) -> Chunk:
         shape = (1, r.channels, end - start, r.latent_height, r.latent_width)
         noise = torch.randn(shape, generator=chunk_generator(r.cfg.seed, index), dtype=torch.float32)
-        ctx = PolicyContext(index, r.steps, sampler.sigmas, sampler.timesteps, self.backbone.patch_features,
-                            self.backbone.modulation)
+        probe = self._run.probe
+        ctx = PolicyContext(index, r.steps, sampler.sigmas, sampler.timesteps, probe.features, probe.modulation)
         return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory(ctx))
 
     def chunk_noise(self, cfg: GenerateConfig) -> torch.Tensor:
@@ -305,8 +306,10 @@ class Engine:
         if resume is not None:
             run = resume.run
             run.store.to(self.backbone.device)
+            run.probe.backbone = self.backbone
         else:
-            run = Run(chunks={}, store=self._make_store(r, sched, batch), next_tick=0)
+            run = Run(chunks={}, store=self._make_store(r, sched, batch), next_tick=0,
+                      probe=BackboneProbe(self.backbone))
         self._run = run
         chunks, store = run.chunks, run.store
         last_step = r.steps - 1

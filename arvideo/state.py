@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .errors import ConfigError
 from .kvstore import KVStore
@@ -23,6 +24,7 @@ class Run:
     chunks: dict[int, Chunk]
     store: KVStore
     next_tick: int = 0
+    probe: BackboneProbe | None = None  # shared by every chunk's policy context; never carries the model
 
     def snapshot(self, fingerprint: str, emitted_frames: int, model_calls: int, decoder: dict | None,
                  pending: list[tuple[int, torch.Tensor]] = ()) -> "RunState":
@@ -38,7 +40,7 @@ class Run:
                 [(k.cpu(), v.cpu()) for k, v in c.kv] if c.kv else None,
             ))
         return RunState(fingerprint, emitted_frames, model_calls, decoder,
-                        Run(chunks, store, self.next_tick), [(i, x.cpu().clone()) for i, x in pending])
+                        Run(chunks, store, self.next_tick, self.probe), [(i, x.cpu().clone()) for i, x in pending])
 
 
 @dataclass

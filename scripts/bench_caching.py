@@ -335,10 +335,22 @@ def merge(args, argv) -> int:
     rows, metas = [], []
     for path in args.merge:
         data = json.loads(Path(path).read_text())
+        if isinstance(data, list):  # rows written while the run was still going
+            data = {"rows": data, "meta": None}
         rows += data["rows"]
         metas.append(data["meta"])
-    meta = dict(metas[0])
-    meta["command"] = " ; ".join(m["command"] for m in metas) + " ; python scripts/bench_caching.py " + " ".join(
+    # an interrupted run: keep only the captions every configuration finished
+    configs = {(r["family"], r["label"]) for r in rows}
+    complete = [seed for seed in dict.fromkeys(r["seed"] for r in rows)
+                if {(r["family"], r["label"]) for r in rows if r["seed"] == seed} == configs]
+    rows = [r for r in rows if r["seed"] in complete]
+    meta = dict(next((m for m in metas if m), None) or {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_line(),
+        "model": args.model or "models/shapes-df", "model_note": "see the model's arvideo.json", "frames": args.frames,
+        "steps": "?", "sampler": "(see command)", "schedule": "model default", "command": ""})
+    meta["captions"] = len(complete)
+    meta["seeds"] = f"{complete[0]}..{complete[-1]}" if complete else "none"
+    meta["command"] = " ; ".join(m["command"] for m in metas if m) + " ; python scripts/bench_caching.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     report(rows, meta, args)
     return 0

@@ -7,7 +7,7 @@ transformer + text encoder checkpoint of train_transformer.py, plus `arvideo.jso
 engine's defaults for this model (keys documented in docs/training.md).
 
 Example:
-    python scripts/export_model.py --vae checkpoints/vae/last.pt --df checkpoints/df/last.pt --out models/shapes-df
+    python scripts/export_model.py --vae checkpoints/vae_dec/last.pt --df checkpoints/df/last.pt --out models/shapes-df
     python scripts/export_model.py ... --verify   # reload in this process and generate one short video
 """
 
@@ -86,8 +86,10 @@ def main() -> None:
     model.eval()
     pipe = assemble_pipeline(vae, model["text_encoder"], tokenizer, model["transformer"], args.flow_shift)
 
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    # Replace only what this script writes: other tools keep files here (e.g. cache calibration tables).
+    for name in ("vae", "text_encoder", "tokenizer", "transformer", "scheduler"):
+        if (args.out / name).is_dir():
+            shutil.rmtree(args.out / name)
     pipe.save_pretrained(args.out, safe_serialization=True, max_shard_size="15MB")
     defaults = arvideo_defaults(args, df)
     (args.out / "arvideo.json").write_text(json.dumps(defaults, indent=2) + "\n")

@@ -23,7 +23,7 @@ and a few short videos are generated (long-video mode: windows of the training c
 `addnoise_condition` = context noise) and scored with arvideo.world.metrics.score_video.
 
 Example (the run behind models/shapes-df):
-    python scripts/train_transformer.py --vae checkpoints/vae/last.pt --minutes 75 --out checkpoints/df
+    python scripts/train_transformer.py --vae checkpoints/vae/last.pt --minutes 55 --pool-clips 320 --pool-frames 17 --out checkpoints/df
     python scripts/train_transformer.py --vae checkpoints/vae/last.pt --minutes 10 --out checkpoints/df --resume
 """
 

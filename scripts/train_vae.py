@@ -7,9 +7,11 @@ reconstruction PSNR on held-out worlds (seeds below 1000; training uses seeds fr
 and the per-channel mean / std of the posterior means, which become the VAE config's
 `latents_mean` / `latents_std`.
 
-Example (the run behind models/shapes-df):
-    python scripts/train_vae.py --minutes 22 --out checkpoints/vae
-    python scripts/train_vae.py --minutes 5 --out checkpoints/vae --resume   # continue
+Examples (models/shapes-df: the runs are listed in docs/training.md):
+    python scripts/train_vae.py --minutes 18 --frames 5 --batch 6 --lr 1.2e-3 --out checkpoints/vae
+    python scripts/train_vae.py --minutes 5 --out checkpoints/vae --resume            # continue
+    python scripts/train_vae.py --init checkpoints/vae/last.pt --decoder-only --frames 17 --batch 2 \
+        --lr 4e-4 --minutes 28 --out checkpoints/vae_dec                              # decoder on longer clips
 """
 
 from __future__ import annotations

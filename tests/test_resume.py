@@ -50,3 +50,33 @@ def test_resume_with_a_different_request_is_an_error(folder, tmp_path):
     other = build_config(prompt=CAPTION, frames=13, seed=5, overrides=["schedule.ar_step=1"])
     with pytest.raises(ConfigError, match="different request"):
         list(engine.stream(other, resume=states[-1]))
+
+
+def test_snapshot_does_not_carry_the_model(folder, tmp_path):
+    """Policies reach the backbone through a probe that is never copied or pickled."""
+    engine = Engine(load_model(folder))
+    cfg = build_config(prompt=CAPTION, frames=21, seed=4, overrides=["schedule.ar_step=1"])
+    states = []
+    for _ in engine.stream(cfg, on_state=lambda get: states.append(get())):
+        if states:
+            break
+    import io
+    import pickle
+
+    import torch
+
+    modules = []
+
+    class Spy(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, torch.nn.Module):
+                modules.append(type(obj).__name__)
+            return None
+
+    Spy(io.BytesIO()).dump(states[-1])
+    assert modules == []  # no model (or any module) inside a snapshot
+    path = tmp_path / "s.state"
+    states[-1].save(path)
+    loaded = RunState.load(path)
+    assert loaded.run.probe.backbone is None
+    assert all(c.policy.ctx.features.__self__ is loaded.run.probe for c in loaded.run.chunks.values())

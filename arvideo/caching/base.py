@@ -24,6 +24,32 @@ class PolicyContext:
     modulation: Callable[[torch.Tensor], torch.Tensor]
 
 
+class BackboneProbe:
+    """Gives policies the backbone's cheap probes without making run snapshots carry the model.
+
+    Copying or pickling a probe never copies the backbone: a copy is the same probe, a pickled
+    one comes back detached, and the engine re-attaches it to its backbone on resume.
+    """
+
+    def __init__(self, backbone=None) -> None:
+        self.backbone = backbone
+
+    def features(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.backbone.patch_features(latents)
+
+    def modulation(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.backbone.modulation(timestep)
+
+    def __deepcopy__(self, memo) -> "BackboneProbe":
+        return self
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.backbone = None
+
+
 class CachePolicy(Protocol):
     """Decides, every step of its own chunk, whether the chunk's model call happens."""
 
