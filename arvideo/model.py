@@ -139,6 +139,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     if (root / "text_encoder" / "config.json").is_file():
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # one-line components; no bar per load
+
         cls_name = (index.get("text_encoder") or [None, "T5EncoderModel"])[1] or "T5EncoderModel"
         encoder_cls = getattr(transformers, cls_name, None)
         if encoder_cls is None:
