@@ -11,7 +11,7 @@ from arvideo.backbones.wan_family import WanFamilyBackbone, _apply_rope
 from arvideo.config import build_config
 from arvideo.engine import Engine
 from arvideo.errors import ConfigError
-from arvideo.kvstore import KVStore, ScoredEviction, TemporalRope
+from arvideo.kvstore import KVStore, TemporalRope
 from arvideo.model import load_model
 from arvideo.state import RunState
 from tests.tiny import save_tiny_model_folder, tiny_transformer
