@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preview(sub)
     _add_info(sub)
     _add_eval(sub)
+    # the calibration command owns its arguments (arvideo/calibrate.py); importing it here would
+    # load torch for every command
+    cal = sub.add_parser("calibrate", add_help=False,
+                         help="fit cache calibration: MeanCache schedules, FlowCache polynomial (see --help)")
+    cal.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -307,6 +312,8 @@ def cmd_eval(args) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parser.parse_args, but `key=value` overrides may come before, between or after options."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:  # its own parser (arvideo/calibrate.py) takes everything after it
+        return argparse.Namespace(command="calibrate", rest=argv[1:], verbose=False)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling a positional list at the first option; parse the subcommand intermixed
@@ -318,6 +325,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting make every torch op crawl when the cores are shared
     # (measured: 48 frames took 130 s with the default policy on a busy 2-core machine, 15 s with
@@ -326,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"generate": cmd_generate, "render": cmd_render, "preview": cmd_preview, "info": cmd_info,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "calibrate": cmd_calibrate}
     try:
         return handlers[args.command](args)
     except ArvideoError as exc:

@@ -252,7 +252,7 @@ def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, 
 def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
     name, params = parse_preset("fast:tau=0.5")
     assert name == "combination" and params["tau"] == 0.5 and params["k"] == 2
-    assert parse_preset("quality")[0] == "combination"
+    assert parse_preset("quality") == ("meancache", {"budget": 8, "gamma": 2.0, "cost": "displacement"})
     with pytest.raises(ConfigError, match="available: .*fast"):
         make_policy_factory("fastest", STEPS)
     with pytest.raises(ConfigError, match="no parameter tua; valid: tau"):
