@@ -23,7 +23,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--schedule", choices=["diffusion-forcing", "pipelined", "window"], default=None)
-    p.add_argument("--cache", default=None, help="cache preset: none (full compute)")
+    p.add_argument("--cache", default=None, help="cache policy or preset: none (full compute, default), fast, quality, meancache:budget=8, "
+                   "flowcache:tau=0.3, combination, deepcache, teacache, fora (docs/caching.md)")
     p.add_argument("--out", action="append", default=None,
                    help="output path: .mp4, .gif, .npy, or a directory for PNG frames (repeatable; default video.mp4)")
     p.add_argument("--preview", default=None, metavar="DIR|FILE.png",
