@@ -225,17 +225,10 @@ def validate_jobs(jobs: list[Job]) -> None:
     whose model folder is missing are left to fail when they run (failure isolation).
     """
     from .caching import make_policy_factory
-    from .engine import Engine
-    from .memory import meta_bundle
 
     engines: dict[str | None, Any] = {}
     for job in jobs:
-        if job.model not in engines:
-            try:
-                engines[job.model] = Engine(meta_bundle(job.model))
-            except ModelFolderError:
-                engines[job.model] = None
-        engine = engines[job.model]
+        engine = _meta_engine(engines, job.model)
         if engine is None:
             continue
         try:
@@ -963,19 +956,13 @@ def plan_jobs(jobs: list[Job], limit: int | None, max_parallel: int | None, *, b
     `separate_processes` (Ray) each job carries its own copy of the weights.
     Returns (plan, jobs with any KV caps applied).
     """
-    from .engine import Engine
-    from .memory import MemoryEstimate, estimate_request, meta_bundle, plan_batch, weight_bytes, with_kv_cap
+    from .memory import MemoryEstimate, estimate_request, plan_batch, weight_bytes, with_kv_cap
 
     engines: dict[str | None, Any] = {}
     weights: dict[tuple, int] = {}
     estimates: list[MemoryEstimate] = []
     for job in jobs:
-        if job.model not in engines:
-            try:
-                engines[job.model] = Engine(meta_bundle(job.model))
-            except ModelFolderError:
-                engines[job.model] = None
-        engine = engines[job.model]
+        engine = _meta_engine(engines, job.model)
         if engine is None:
             estimates.append(MemoryEstimate(0, 0, 0, 0, 0, 0))
             continue
@@ -1018,3 +1005,16 @@ def remove_resume_leftovers(jobs: list[Job]) -> None:
             leftover = p.with_name(p.name + ".resume")
             if leftover.exists():
                 leftover.unlink()
+
+
+def _meta_engine(engines: dict, model: str | None):
+    """An engine over the model's configs only (no weights), cached per model; None if the folder is bad."""
+    from .engine import Engine
+    from .memory import meta_bundle
+
+    if model not in engines:
+        try:
+            engines[model] = Engine(meta_bundle(model))
+        except ModelFolderError:
+            engines[model] = None
+    return engines[model]

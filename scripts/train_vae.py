@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from _train_common import VAE_CONFIG, Clock, CsvLog, append_jsonl, atomic_save, count_params, psnr, setup_torch, to_video_tensor

@@ -1,6 +1,5 @@
 """Cache policies: the JVP estimate, the schedule DP, exactness at zero threshold, per-chunk decisions."""
 import itertools
-import json
 import math
 from dataclasses import replace
 

@@ -1,7 +1,6 @@
 """Engine behaviour on a tiny random model: streaming, lengths, errors, KV budgets."""
 import numpy as np
 import pytest
-import torch
 
 from arvideo.config import build_config
 from arvideo.engine import Engine

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from ..kvstore import KVStore
