@@ -258,7 +258,6 @@ class WanFamilyBackbone:
                     store.write(layer, k[:, :, hidden : hidden + e - s], v[:, :, hidden : hidden + e - s], offset=s)
                     spans.append((hidden, hidden + e - s, e))
                     hidden += e - s
-            first_active = spans[plan.commit][0] if len(spans) > plan.commit else q.shape[2]
             store.observe_queries(layer, q, bounds[plan.commit])
             outs = []
             for hs, he, e in spans:
