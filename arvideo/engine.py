@@ -1,8 +1,8 @@
 """Engine: the tick loop. Streams each chunk's frames out the moment the chunk is clean.
 
 Per tick the schedule names the chunks that take a step (and those to commit); each
-active chunk's own cache policy decides whether it joins the backbone call; the runner
-packs the joining chunks (commits first) into one call against the KV store; the sampler
+active chunk's own cache policy decides whether it joins the backbone call; the joining
+chunks (commits first) are packed into one call against the KV store; the sampler
 advances every active chunk; finished chunks are decoded and handed out. Nothing here is
 model-specific, and nothing holds all frames or all latents: finished chunks are dropped
 once decoded and committed.

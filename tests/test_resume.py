@@ -40,13 +40,20 @@ def test_resume_from_snapshot_reproduces_uninterrupted_frames(folder, tmp_path, 
     assert np.array_equal(video, reference)
 
 
-def test_resume_with_a_different_request_is_an_error(folder, tmp_path):
-    engine = Engine(load_model(folder))
-    cfg = build_config(prompt=CAPTION, frames=13, seed=4, overrides=["schedule.ar_step=1"])
+def _first_snapshot(engine, cfg):
+    """Streams until the engine offers its first snapshot (after one chunk was consumed)."""
     states = []
     for _ in engine.stream(cfg, on_state=lambda get: states.append(get())):
         if states:
             break
+    assert states
+    return states
+
+
+def test_resume_with_a_different_request_is_an_error(folder, tmp_path):
+    engine = Engine(load_model(folder))
+    cfg = build_config(prompt=CAPTION, frames=13, seed=4, overrides=["schedule.ar_step=1"])
+    states = _first_snapshot(engine, cfg)
     other = build_config(prompt=CAPTION, frames=13, seed=5, overrides=["schedule.ar_step=1"])
     with pytest.raises(ConfigError, match="different request"):
         list(engine.stream(other, resume=states[-1]))
@@ -56,10 +63,7 @@ def test_snapshot_does_not_carry_the_model(folder, tmp_path):
     """Policies reach the backbone through a probe that is never copied or pickled."""
     engine = Engine(load_model(folder))
     cfg = build_config(prompt=CAPTION, frames=21, seed=4, overrides=["schedule.ar_step=1"])
-    states = []
-    for _ in engine.stream(cfg, on_state=lambda get: states.append(get())):
-        if states:
-            break
+    states = _first_snapshot(engine, cfg)
     import io
     import pickle
 
