@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", add_help=False,
                          help="fit cache calibration: MeanCache schedules, FlowCache polynomial (see --help)")
     cal.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="benchmarks from a source checkout: `arvideo bench peers` (vs diffusers, see --help)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -222,9 +225,18 @@ def _ray_address_fixup(args) -> None:
 
 def cmd_render(args) -> int:
     from . import sinks  # noqa: F401 - imported before the baseline is measured
-    from .memory import Plan, PeakMeter, format_size, parse_size, return_freed_memory_to_the_os
-    from .render import (describe_plan, load_jobs, plan_jobs, remove_resume_leftovers, render_local, render_ray,
-                         stale_states, summary_table, validate_jobs)
+    from .memory import PeakMeter, Plan, format_size, parse_size, return_freed_memory_to_the_os
+    from .render import (
+        describe_plan,
+        load_jobs,
+        plan_jobs,
+        remove_resume_leftovers,
+        render_local,
+        render_ray,
+        stale_states,
+        summary_table,
+        validate_jobs,
+    )
 
     _ray_address_fixup(args)
     overrides = [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None]
@@ -314,6 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["calibrate"]:  # its own parser (arvideo/calibrate.py) takes everything after it
         return argparse.Namespace(command="calibrate", rest=argv[1:], verbose=False)
+    if argv[:1] == ["bench"]:  # scripts/bench_*.py own their arguments
+        return argparse.Namespace(command="bench", rest=argv[1:], verbose=False)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling a positional list at the first option; parse the subcommand intermixed
@@ -331,6 +345,20 @@ def cmd_calibrate(args) -> int:
     return calibrate_main(args.rest)
 
 
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    if args.rest[:1] != ["peers"]:
+        raise ArvideoError("usage: arvideo bench peers [options]  (arvideo bench peers --help lists them)")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_peers.py"
+    if not script.is_file():
+        raise ArvideoError(f"arvideo bench needs a source checkout: {script} is missing")
+    spec = importlib.util.spec_from_file_location("bench_peers", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.rest[1:], prog="arvideo bench peers")
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting make every torch op crawl when the cores are shared
     # (measured: 48 frames took 130 s with the default policy on a busy 2-core machine, 15 s with
@@ -339,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"generate": cmd_generate, "render": cmd_render, "preview": cmd_preview, "info": cmd_info,
-                "eval": cmd_eval, "calibrate": cmd_calibrate}
+                "eval": cmd_eval, "calibrate": cmd_calibrate, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except ArvideoError as exc:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from .errors import ConfigError, NonFiniteError
 from .kvstore import KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
 from .samplers import Sampler
-from .state import Run, RunState, request_fingerprint
 from .schedules import build_schedule
+from .state import Run, RunState, request_fingerprint
 from .vae import StreamingDecoder
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Engine:
         self._run: Run | None = None
 
     @classmethod
-    def from_folder(cls, path=None, device: str = "cpu", dtype: str = "float32", attention: str = "auto") -> "Engine":
+    def from_folder(cls, path=None, device: str = "cpu", dtype: str = "float32", attention: str = "auto") -> Engine:
         return cls(load_model(path, device, dtype), attention)
 
     # -- request resolution ---------------------------------------------------------------
@@ -235,8 +235,9 @@ class Engine:
                     # the caller asked for more, so it has written this chunk: a consistent point
                     if on_state is not None and self._run is not None:
                         run, pending = self._run, finished[n + 1 :]
-                        on_state(lambda: run.snapshot(fingerprint, emitted, self.model_calls,
-                                                      self.decoder.state() if decode else None, pending))
+                        # bound now: the getter must describe this point even if called later
+                        on_state(lambda run=run, emitted=emitted, pending=pending: run.snapshot(
+                            fingerprint, emitted, self.model_calls, self.decoder.state() if decode else None, pending))
         finally:
             bar.close()
             self._run = None

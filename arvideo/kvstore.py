@@ -304,7 +304,7 @@ class KVStore:
         self.rotated_to = targets
 
     # -- misc ------------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "KVStore":
+    def to(self, device: torch.device | str) -> KVStore:
         self.keys = [k.to(device) for k in self.keys]
         self.values = [v.to(device) for v in self.values]
         return self

@@ -57,7 +57,7 @@ class LatentProjection:
         self.samples = 0
 
     @classmethod
-    def from_vae(cls, vae, seed: int = 0) -> "LatentProjection":
+    def from_vae(cls, vae, seed: int = 0) -> LatentProjection:
         """A projection with a prior fitted to a throwaway decode of random latents."""
         from .vae import StreamingDecoder
 
@@ -279,7 +279,7 @@ def collect_status(directory: str | Path) -> list[dict[str, Any]]:
 
 def _handler(root: Path):
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in ("/", "/index.html"):
                 self._send(PAGE.encode(), "text/html; charset=utf-8")
@@ -333,7 +333,7 @@ class PreviewServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}/"
 
-    def start(self) -> "PreviewServer":
+    def start(self) -> PreviewServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="arvideo-preview", daemon=True)
         self._thread.start()
         return self
@@ -347,7 +347,7 @@ class PreviewServer:
             self._thread.join()
         self.httpd.server_close()
 
-    def __enter__(self) -> "PreviewServer":
+    def __enter__(self) -> PreviewServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -27,7 +27,7 @@ class Run:
     probe: BackboneProbe | None = None  # shared by every chunk's policy context; never carries the model
 
     def snapshot(self, fingerprint: str, emitted_frames: int, model_calls: int, decoder: dict | None,
-                 pending: list[tuple[int, torch.Tensor]] = ()) -> "RunState":
+                 pending: list[tuple[int, torch.Tensor]] = ()) -> RunState:
         """A deep copy on the CPU, safe to keep while the run goes on."""
         store = copy.copy(self.store)
         store.keys = [k[:, :, : store.committed].cpu().clone() for k in self.store.keys]
@@ -64,7 +64,7 @@ class RunState:
         os.replace(tmp, path)
 
     @staticmethod
-    def load(path: str | Path) -> "RunState":
+    def load(path: str | Path) -> RunState:
         try:
             state = torch.load(path, weights_only=False)
         except Exception as exc:

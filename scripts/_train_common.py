@@ -263,12 +263,16 @@ class Clock:
 # --- model assembly (shared by training-time evaluation and export) ---
 
 
-def build_transformer(num_frame_per_block: int | None = None):
+def build_transformer(num_frame_per_block: int | None = None, config: dict | None = None, channels: int | None = None):
+    """The transformer from `config` (a checkpoint's `transformer_config`) or the defaults here;
+    `channels` (the VAE's z_dim) sets in/out channels of a new model."""
     from diffusers import SkyReelsV2Transformer3DModel
 
-    cfg = dict(TRANSFORMER_CONFIG)
+    cfg = dict(config or TRANSFORMER_CONFIG)
     if num_frame_per_block is not None:
         cfg["num_frame_per_block"] = num_frame_per_block
+    if channels is not None:
+        cfg["in_channels"] = cfg["out_channels"] = channels
     return SkyReelsV2Transformer3DModel(**cfg)
 
 

@@ -345,7 +345,7 @@ def merge(args, argv) -> int:
                 if {(r["family"], r["label"]) for r in rows if r["seed"] == seed} == configs]
     rows = [r for r in rows if r["seed"] in complete]
     meta = dict(next((m for m in metas if m), None) or {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_line(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "device": device_line(),
         "model": args.model or "models/shapes-df", "model_note": "see the model's arvideo.json", "frames": args.frames,
         "steps": "?", "sampler": "(see command)", "schedule": "model default", "command": ""})
     meta["captions"] = len(complete)
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                    "psnr_free": psnr(plain["frames"], ref["frames"]), "ssim_free": ssim(plain["frames"], ref["frames"]),
                    "psnr_first": psnr(plain["first"], ref["first"]), **score_video(plain["frames"], caption)}
             if not args.no_teacher:
-                tf = run_video(engine, counter, cfg, teacher=lambda i: teacher_latents[i])
+                tf = run_video(engine, counter, cfg, teacher=lambda i, t=teacher_latents: t[i])
                 row.update(psnr_tf=psnr(tf["frames"], ref["frames"]), ssim_tf=ssim(tf["frames"], ref["frames"]))
             rows.append(row)
             print(f"  {family:12s} {label:18s} {plain['seconds']:6.1f} s  tokens {plain['tokens'] / ref['tokens']:.2f}"
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if "trained_steps" in d:
             note = f"{d['trained_steps']} training steps, {d.get('trained_minutes', '?')} min"
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_line(), "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
         "model_note": note or "no training record", "captions": len(captions),
         "seeds": f"{captions[0][0]}..{captions[-1][0]}", "frames": args.frames, "steps": steps,

@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from _train_common import (
     MAX_SEQUENCE_LENGTH,
     assemble_pipeline,
@@ -77,7 +76,7 @@ def main() -> None:
     df = torch.load(args.df, map_location="cpu", weights_only=False)
     tokenizer = build_tokenizer()
     cbs = df["transformer_config"]["num_frame_per_block"]
-    model = torch.nn.ModuleDict(dict(transformer=build_transformer(cbs), text_encoder=build_text_encoder(len(tokenizer))))
+    model = torch.nn.ModuleDict(dict(transformer=build_transformer(cbs, config=df["transformer_config"]), text_encoder=build_text_encoder(len(tokenizer))))
     if args.no_ema:
         model.load_state_dict(df["model"])
     else:
@@ -100,9 +99,8 @@ def main() -> None:
     print(json.dumps(defaults, indent=2))
 
     if args.verify:
-        from diffusers import SkyReelsV2DiffusionForcingPipeline
-
         from _train_common import encode_prompts
+        from diffusers import SkyReelsV2DiffusionForcingPipeline
 
         pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(args.out)
         caption = "a large red circle on a black background"
@@ -125,7 +123,6 @@ def evaluate_folder(folder: Path, eval_steps: int = 16, eval_frames: int = 31) -
     import argparse as _argparse
 
     from diffusers import SkyReelsV2DiffusionForcingPipeline
-
     from train_transformer import evaluate_model
 
     pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(folder)

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _train_common import (
     EMA,
     MAX_SEQUENCE_LENGTH,
@@ -57,6 +56,7 @@ from _train_common import (
     to_video_tensor,
     tokenize,
 )
+
 from arvideo.world import sample_world, score_video
 
 EVAL_SEEDS = (3, 11, 5)  # held-out worlds (training pool seeds are >= 1000)
@@ -72,19 +72,37 @@ def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4) -> d
     z_dim = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
-    latents, captions = [], []
+    latents, masks, captions = [], [], []
     t0 = time.time()
     for i in range(0, num_clips, batch):
         clips = []
         for _ in range(min(batch, num_clips - i)):
             world = sample_world(int(rng.integers(1000, 10**8)))
-            clips.append(world.clip(int(rng.integers(0, 4000)), frames))
+            clip = world.clip(int(rng.integers(0, 4000)), frames)
+            clips.append(clip)
             captions.append(world.spec.caption)
+            masks.append(object_mask(clip, world.spec.background_rgb, vae))
         z = vae.encode(to_video_tensor(np.stack(clips))).latent_dist.mode()
         latents.append(((z - mean) * inv_std).half())
         if (i // batch) % 25 == 0:
             print(f"pool: {i + len(clips)}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
-    return dict(latents=torch.cat(latents), captions=captions, frames=frames)
+    return dict(latents=torch.cat(latents), masks=torch.stack(masks), captions=captions, frames=frames)
+
+
+def object_mask(clip: np.ndarray, background_rgb, vae) -> torch.Tensor:
+    """[1, latent frames, h, w] uint8: 1 where a latent cell (and its 8 neighbours) covers any object pixel.
+
+    Latent frame 0 is video frame 0; latent frame j > 0 covers frames 2j-1, 2j (temporal factor 2)."""
+    tf = vae.config.scale_factor_temporal
+    sf = vae.config.scale_factor_spatial
+    obj = torch.from_numpy(np.abs(clip.astype(np.int16) - np.array(background_rgb, np.int16)).sum(-1) > 0)
+    obj = obj.float()[None]  # [1, F, H, W]
+    first, rest = obj[:, :1], obj[:, 1:]
+    rest = rest.reshape(1, -1, tf, *rest.shape[-2:]).amax(2)
+    m = torch.cat([first, rest], 1)  # [1, latent F, H, W]
+    m = torch.nn.functional.max_pool2d(m, sf)  # any object pixel in the cell
+    m = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)  # and its neighbours (edges)
+    return m.to(torch.uint8)
 
 
 # --- noise levels and context ---
@@ -137,6 +155,8 @@ def main() -> None:
     p.add_argument("--self-forcing-prob", type=float, default=0.1, help="per-step chance of model-made context")
     p.add_argument("--self-forcing-after", type=float, default=0.3, help="fraction of the budget before it starts")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--object-weight", type=float, default=4.0,
+                   help="loss weight of latent cells near objects (background cells weigh 1)")
     p.add_argument("--save-every-min", type=float, default=4.0)
     p.add_argument("--eval-every-min", type=float, default=15.0, help="0 disables")
     p.add_argument("--eval-steps", type=int, default=16)
@@ -165,6 +185,7 @@ def main() -> None:
         pool = build_pool(vae, args.pool_clips, args.pool_frames, seed=args.seed + 1)
         atomic_save(pool, pool_path)
     latents = pool["latents"]  # [N, C, P, 16, 16] fp16, normalised
+    masks = pool.get("masks")  # [N, 1, P, 16, 16] uint8 object cells (older pools have none)
     N, C, P = latents.shape[:3]
     print(f"pool: {N} clips x {P} latent frames; std {latents.float().std():.3f}", flush=True)
     if P < T:
@@ -175,7 +196,7 @@ def main() -> None:
     empty_ids, empty_mask = tokenize(tokenizer, [""], MAX_SEQUENCE_LENGTH)
 
     model = torch.nn.ModuleDict(
-        dict(transformer=build_transformer(cbs), text_encoder=build_text_encoder(len(tokenizer)))
+        dict(transformer=build_transformer(cbs, channels=C), text_encoder=build_text_encoder(len(tokenizer)))
     ).to(device)
     model["transformer"]._set_ar_attention(cbs)
     print(f"transformer parameters: {count_params(model['transformer']):,}; "
@@ -206,7 +227,7 @@ def main() -> None:
         atomic_save(
             dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(), step=step,
                  wall_s=wall_before + clock.elapsed(), args=vars(args) | dict(vae=str(args.vae), out=str(args.out), log=str(args.log)),
-                 transformer_config=dict(TRANSFORMER_CONFIG, num_frame_per_block=cbs)),
+                 transformer_config=dict(TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C)),
             last,
         )
 
@@ -233,6 +254,11 @@ def main() -> None:
         from_zero = torch.rand(args.batch, generator=gen) < 0.5
         starts = torch.where(from_zero, 0, torch.randint(0, P - T + 1, (args.batch,), generator=gen))
         x0 = torch.stack([latents[i, :, s : s + T] for i, s in zip(b_idx.tolist(), starts.tolist())]).float().to(device)
+        if masks is not None and args.object_weight != 1.0:
+            obj = torch.stack([masks[i, :, s : s + T] for i, s in zip(b_idx.tolist(), starts.tolist())]).float().to(device)
+            pix_w = 1.0 + (args.object_weight - 1.0) * obj  # [B, 1, T, h, w]
+        else:
+            pix_w = torch.ones_like(x0[:, :1])
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         b_ids = torch.where(drop[:, None], empty_ids, ids[b_idx]).to(device)
         b_mask = torch.where(drop[:, None], empty_mask, mask[b_idx]).to(device)
@@ -259,8 +285,10 @@ def main() -> None:
                     xt = torch.where(c5, (1 - s5) * x0_hat + s5 * noise, xt)
             pred = model["transformer"](xt, timestep, text, enable_diffusion_forcing=True, return_dict=False)[0]
         target = noise - x0
-        w = (~ctx).float()[:, None, :, None, None]
-        loss = ((pred.float() - target).pow(2) * w).sum() / (w.sum() * C * x0.shape[-1] * x0.shape[-2]).clamp_min(1)
+        # Objects cover a few % of the latent cells: weight them up (--object-weight) so the loss is
+        # not all background; normalised by the weight mass, so the scale stays comparable.
+        w = (~ctx).float()[:, None, :, None, None] * pix_w
+        loss = ((pred.float() - target).pow(2) * w).sum() / (w.sum() * C).clamp_min(1)
 
         opt.zero_grad(set_to_none=True)
         loss.backward()

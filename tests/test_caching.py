@@ -195,7 +195,7 @@ def test_flowcache_chunks_in_flight_make_different_decisions_in_the_engine(engin
     # chunks of one window share every step (ar_step 0) but start from different noise
     engine.generate(_cfg("flowcache:tau=0.042,warmup=1", frames=17))
     per_step = {}
-    for (chunk, step), d in decisions.items():
+    for (_chunk, step), d in decisions.items():
         per_step.setdefault(step, set()).add(d)
     assert any(len(ds) == 2 for ds in per_step.values())
 
@@ -218,8 +218,8 @@ def test_teacache_makes_one_decision_per_tick_for_all_chunks(engine, monkeypatch
 
 # -- calibration and presets --------------------------------------------------------------------
 def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, folder, monkeypatch):
-    from arvideo.calibrate import calibrate
     from arvideo.caching.calibration import FILENAME, save_entry
+    from arvideo.calibrate import calibrate
 
     cfg = build_config(frames=5, overrides=["sampler.name=euler"])
     entry = calibrate(engine, cfg, [(0, CAPTION), (1, CAPTION)], budgets=(3,), gammas=(2.0,), ks=(1, 2))

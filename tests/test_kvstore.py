@@ -188,7 +188,7 @@ def test_thousands_of_frames_keep_store_and_process_memory_flat(folder):
     sizes, rss, py = set(), [], []
     tracemalloc.start()
     try:
-        for i, chunk in enumerate(engine.stream(cfg, decode=False)):
+        for i, chunk in enumerate(engine.stream(cfg, decode=False)):  # noqa: B007 (last chunk checked below)
             store = engine._run.store
             sizes.add((store.capacity, store.nbytes))
             # every held chunk holds at least one of the budget's slots in some head of some layer

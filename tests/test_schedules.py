@@ -193,7 +193,7 @@ def test_commit_once_on_the_tick_after_last_step_before_later_chunks_step(schedu
         for later, later_entries in log.items():
             if later > c:
                 assert all(t >= commit_tick[c] for t, _ in later_entries if t > last)
-    for t, tick in enumerate(ticks):
+    for _t, tick in enumerate(ticks):
         assert list(tick.commit) == sorted(tick.commit)
         assert not set(tick.commit) & {c for c, _ in tick.active}
 

@@ -1,8 +1,9 @@
 """The per-chunk cache-policy interface. Each chunk owns one instance and decides alone."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -40,7 +41,7 @@ class BackboneProbe:
     def modulation(self, timestep: torch.Tensor) -> torch.Tensor:
         return self.backbone.modulation(timestep)
 
-    def __deepcopy__(self, memo) -> "BackboneProbe":
+    def __deepcopy__(self, memo) -> BackboneProbe:
         return self
 
     def __getstate__(self) -> dict:

@@ -1,8 +1,9 @@
 """What a schedule tells the engine each tick: which chunks step, which get committed."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)

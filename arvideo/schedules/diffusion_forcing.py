@@ -6,8 +6,8 @@ this row takes step k = v - 1, steps + 1 = finished. A row is one engine tick.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

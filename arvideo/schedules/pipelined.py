@@ -1,8 +1,8 @@
 """MAGI-1 pipelined chunks: a new chunk enters every steps / window_size ticks."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from arvideo.errors import ConfigError
 from arvideo.schedules.base import Tick

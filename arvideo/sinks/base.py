@@ -89,7 +89,7 @@ class MultiSink(BaseSink):
         for sink in self.sinks:
             try:
                 sink.close()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 errors.append(e)
         if errors:
             raise errors[0]

@@ -41,7 +41,7 @@ class NpySink(BaseSink):
 
     def _write(self, frames: np.ndarray) -> None:
         if self._file is None:
-            self._file = open(self.path, "w+b")  # noqa: SIM115 - held open until close()
+            self._file = open(self.path, "w+b")
             self._file.write(npy_header((0, *frames.shape[1:])))
         f = self._file
         f.seek(0, io.SEEK_END)
