@@ -44,7 +44,7 @@ def arvideo_defaults(args, df_ck: dict) -> dict:
         "guidance_scale": args.guidance_scale,
         "flow_shift": args.flow_shift,
         "context_noise": float(train.get("context_noise", 20.0)),
-        "kv_window_latent_frames": clip_latents,
+        "kv_window_latent_frames": args.kv_window if args.kv_window is not None else clip_latents,
         "train_clip_latent_frames": clip_latents,
         "negative_prompt": "",
         "prompt_grammar": "shapes-v1",
@@ -53,6 +53,8 @@ def arvideo_defaults(args, df_ck: dict) -> dict:
         "vae_spatial_factor": 4,
         "trained_steps": int(df_ck.get("step", 0)),
         "trained_minutes": round(float(df_ck.get("wall_s", 0.0)) / 60, 1),
+        "window_blocks": args.window_blocks,
+        "kv_policy": args.kv_policy,
     }
 
 
@@ -66,6 +68,11 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=4.0, help="arvideo.json: default CFG scale")
     p.add_argument("--flow-shift", type=float, default=3.0, help="scheduler flow_shift (also in arvideo.json)")
     p.add_argument("--ar-step", type=int, default=0, help="arvideo.json: default ar_step")
+    p.add_argument("--kv-window", type=int, default=6,
+                   help="arvideo.json: KV budget in latent frames of committed context (default 6: with window_blocks 2 "
+                        "the attention span is 10 latent frames, a little over the training clip)")
+    p.add_argument("--window-blocks", type=int, default=2, help="arvideo.json: chunks denoised together (sync schedule)")
+    p.add_argument("--kv-policy", default="scored", help="arvideo.json: default KV eviction policy")
     p.add_argument("--verify", action="store_true", help="reload the folder and generate a 15-frame video")
     p.add_argument("--eval", action="store_true",
                    help="reload the folder and score the training-time evaluation videos (train_transformer.py protocol)")
@@ -114,10 +121,6 @@ def main() -> None:
         print("eval", evaluate_folder(args.out), flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def evaluate_folder(folder: Path, eval_steps: int = 16, eval_frames: int = 31) -> dict:
     """Load `folder` with from_pretrained and run train_transformer.py's evaluation protocol on it."""
     import argparse as _argparse
@@ -132,3 +135,7 @@ def evaluate_folder(folder: Path, eval_steps: int = 16, eval_frames: int = 31) -
                                eval_guidance=d["guidance_scale"], context_noise=d["context_noise"])
     model = torch.nn.ModuleDict(dict(transformer=pipe.transformer, text_encoder=pipe.text_encoder))
     return evaluate_model(model, pipe.vae, pipe.tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()
