@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -53,10 +54,28 @@ def generate_and_score(engine, base_cfg, captions: list[tuple[int, str]], save_d
     return rows
 
 
+_SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def run_eval(args) -> int:
     from .cli import _config_from_args
     from .world.metrics import format_table, mean_scores, score_video
 
+    # argparse hands every positional to `files`: `key=value` items that are not files are settings.
+    files = [f for f in args.files or [] if Path(f).exists() or not _SETTING.match(f)]
+    args.overrides = list(args.overrides or []) + [f for f in args.files or [] if f not in files]
+    # Check every input before generating anything, so a typo never costs a finished run.
+    captions = []
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"{f}: no such file (give .npy/.mp4 videos, or key=value settings)")
+        caption = args.caption
+        sidecar = Path(f).with_suffix(".json")
+        if caption is None and sidecar.is_file():
+            caption = json.loads(sidecar.read_text()).get("caption")
+        if caption is None:
+            raise ConfigError(f"no caption for {f}: pass --caption or put {{\"caption\": ...}} in {sidecar}")
+        captions.append(caption)
     rows: list[dict] = []
     if args.generate:
         from .engine import Engine
@@ -65,13 +84,9 @@ def run_eval(args) -> int:
         engine = Engine.from_folder(args.model, cfg.device, cfg.dtype, cfg.attention)
         rows = generate_and_score(engine, cfg, heldout_captions(args.generate, args.seed_offset),
                                   args.save_dir, progress=not args.quiet)
-    for f in args.files:
-        caption = args.caption
-        sidecar = Path(f).with_suffix(".json")
-        if caption is None and sidecar.is_file():
-            caption = json.loads(sidecar.read_text()).get("caption")
-        if caption is None:
-            raise ConfigError(f"no caption for {f}: pass --caption or put {{\"caption\": ...}} in {sidecar}")
+    elif args.overrides:
+        raise ConfigError(f"settings {' '.join(args.overrides)} only apply with --generate N")
+    for f, caption in zip(files, captions):
         video = read_video(f)
         rows.append({"file": str(f), "caption": caption, "frames": len(video), **score_video(video, caption)})
     if not rows:

@@ -37,3 +37,17 @@ def test_eval_without_caption_is_a_clear_error(tmp_path, capsys):
     np.save(path, np.zeros((4, 64, 64, 3), np.uint8))
     assert main(["eval", str(path)]) == 2
     assert "--caption" in capsys.readouterr().err
+
+
+def test_eval_checks_inputs_before_generating(tmp_path, capsys, monkeypatch):
+    """A bad setting or a missing file is reported before any video is generated."""
+    import arvideo.engine
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the inputs are bad")
+
+    monkeypatch.setattr(arvideo.engine.Engine, "from_folder", no_model)
+    assert main(["eval", "--generate", "2", "--frames", "9", "threads=1"]) == 2
+    assert "unknown config key 'threads'" in capsys.readouterr().err
+    assert main(["eval", "--generate", "2", "--frames", "9", str(tmp_path / "missing.npy")]) == 2
+    assert "no such file" in capsys.readouterr().err
