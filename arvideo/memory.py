@@ -25,6 +25,7 @@ import json
 import math
 import re
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -378,6 +379,21 @@ def process_resident_bytes() -> int:
     return 0
 
 
+def process_peak_bytes() -> int:
+    """Peak resident set of this process: VmHWM on Linux (per address space, so a process
+    started by another counts only itself), else ru_maxrss. ru_maxrss is not used on Linux
+    because it survives exec: a child spawned from a big parent reports the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 class PeakMeter:
     """Peak memory since `reset()`: process peak RSS on CPU, allocator peak on CUDA."""
 
@@ -398,15 +414,7 @@ class PeakMeter:
     def peak(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return process_peak_bytes()
 
     def baseline(self) -> int:
         """What the bound already holds before any job: resident memory (CPU) or allocated bytes (CUDA)."""

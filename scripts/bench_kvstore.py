@@ -1,7 +1,7 @@
 """Bounded KV store benchmark: peak memory and time per chunk vs length, world metrics per policy.
 
 Every generation runs in its own subprocess (one torch thread), so "peak memory" is that
-process's peak resident set (ru_maxrss): model, store, activations, decoder, everything.
+process's own peak resident set (VmHWM): model, store, activations, decoder, everything.
 Results go to stdout and into docs/kvstore.md between the markers of each section.
 
   python scripts/bench_kvstore.py memory --frames 160 800 2000 10000     # default settings
@@ -44,6 +44,7 @@ def child(args) -> None:
     from arvideo.engine import Engine
     from arvideo.evaluate import heldout_captions
     from arvideo.kvstore import DEFAULT_KV_POSITIONS
+    from arvideo.memory import process_peak_bytes
 
     seed, caption = heldout_captions(1, args.seed)[0]
     engine = Engine.from_folder(args.model)
@@ -79,7 +80,7 @@ def child(args) -> None:
         "tick_s_first10": float(np.median(gaps[:span])), "tick_s_last10": float(np.median(gaps[-span:])),
         "kv_bytes_max": max(store_bytes, default=0), "kv_bytes_min": min(store_bytes, default=0),
         "kv_tokens_max": committed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_trace_mib": rss_trace,
+        "peak_rss_mib": process_peak_bytes() / 2**20, "rss_trace_mib": rss_trace,
     }
     if keep is not None:
         from arvideo.world.metrics import score_video

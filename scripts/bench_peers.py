@@ -2,7 +2,7 @@
 
 Every row makes the same videos: the same held-out captions (world seeds from --seed-offset),
 seeds, frame count, step count and guidance. Each (row, caption) runs in its own subprocess,
-so its peak memory is that whole process's peak resident set (ru_maxrss), and the rows are
+so its peak memory is that whole process's peak resident set (VmHWM), and the rows are
 run in an order rotated per caption, so machine noise hits all rows alike.
 
 Rows:
@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,7 +68,9 @@ MAGCACHE = dict(calibrate=True)  # probed only: MagCache needs mag_ratios calibr
 
 
 def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from arvideo.memory import process_peak_bytes
+
+    return process_peak_bytes()
 
 
 # -- model settings ------------------------------------------------------------------------------------
@@ -483,7 +484,7 @@ def markdown(cpu: dict) -> str:
         "Columns: whole process = from spawning the subprocess to the mp4 closed (interpreter, imports, loading, "
         "text encoding, denoising, decoding, writing); gen+decode+write = the same without start-up and loading; "
         "TTFF = from the start of generation to the first frame in hand (diffusers: when the pipeline returns, as it "
-        "decodes once at the end; arvideo: when the first chunk is yielded); peak RSS = the subprocess's ru_maxrss; "
+        "decodes once at the end; arvideo: when the first chunk is yielded); peak RSS = the subprocess's own peak resident set (VmHWM); "
         "model calls = transformer invocations (diffusers calls cond and uncond separately, arvideo batches them "
         "into one call); attn tokens = tokens (all batch rows) the blocks' self-attention actually computed, "
         "relative to diffusers; PSNR/SSIM against the same system's uncached video (cached diffusers rows vs "
@@ -509,7 +510,7 @@ def markdown_sweep(sweep: dict) -> str:
         f"the end. Command: `{m['command']}`",
         "",
         f"Caption {sweep['caption']!r} (seed {sweep['seed']}), {sweep['steps']} steps; one subprocess per cell, "
-        "peak RSS = its ru_maxrss.",
+        "peak RSS = its own peak resident set (VmHWM).",
         "",
         "| frames | " + " | ".join(f"{row} peak RSS MiB | {row} gen s" for row in sweep["rows_run"]) + " |",
         "| ---: |" + " ---: | ---: |" * len(sweep["rows_run"]),
@@ -661,6 +662,12 @@ def run_sweep(args, s: dict, data: dict, meta: dict, work: Path) -> None:
     sweep = {"meta": meta, "model": _model_label(args.model), "caption": caption, "seed": seed,
              "steps": s["steps"], "rows_run": rows, "cells": cells}
     data["cpu"]["memory_sweep"] = sweep
+    # The sweep's runs are the dedicated memory measurement: where it covers the main run's
+    # frame count, its diffusers / arvideo-fast ratio is the one quoted.
+    at = {c["row"]: c for c in cells if c["frames"] == data["cpu"].get("frames") and "peak_rss_mib" in c}
+    if "diffusers" in at and "arvideo-fast" in at:
+        data["cpu"]["peak_mem_ratio_vs_diffusers"] = at["arvideo-fast"]["peak_rss_mib"] / at["diffusers"]["peak_rss_mib"]
+        data["cpu"]["peak_mem_source"] = f"memory sweep at {data['cpu']['frames']} frames"
     text = markdown_sweep(sweep)
     print(text)
     write_section(Path(args.doc), "peers-memory", text)
