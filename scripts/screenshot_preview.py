@@ -35,7 +35,7 @@ def make_previews(model: str | None, root: Path, frames: int, stop_after: int, s
 
     engine = Engine.from_folder(model)
     for name, prompt, seed in JOBS:
-        overrides = ["schedule.ar_step=1"] + ([f"height={size}", f"width={size}"] if size else [])
+        overrides = ["schedule.ar_step=5", "schedule.window_blocks=4"] + ([f"height={size}", f"width={size}"] if size else [])
         cfg = build_config(prompt=prompt, frames=frames, seed=seed, overrides=overrides)
         r = engine.resolve(cfg)
         writer = PreviewWriter(root / name, name=name, total_frames=r.cfg.frames, steps=r.steps,
