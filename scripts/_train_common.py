@@ -29,7 +29,7 @@ from arvideo.world import VOCABULARY, sample_world  # noqa: E402
 
 VAE_CONFIG = dict(
     base_dim=16,
-    z_dim=8,
+    z_dim=16,  # v1 (session 2); v0 used 8
     dim_mult=[1, 2, 4],  # 64x64 -> 16x16 (4x spatial)
     num_res_blocks=1,
     attn_scales=[],
