@@ -368,27 +368,29 @@ def return_freed_memory_to_the_os() -> bool:
         return False
 
 
-def process_resident_bytes() -> int:
-    """Current resident memory of this process (Linux /proc; 0 where unavailable)."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A size field (kB) of /proc/self/status in bytes; None where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def process_resident_bytes() -> int:
+    """Current resident memory of this process (Linux /proc; 0 where unavailable)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def process_peak_bytes() -> int:
     """Peak resident set of this process: VmHWM on Linux (per address space, so a process
     started by another counts only itself), else ru_maxrss. ru_maxrss is not used on Linux
     because it survives exec: a child spawned from a big parent reports the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

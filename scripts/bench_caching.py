@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +30,7 @@ from arvideo.caching.fidelity import psnr, ssim
 from arvideo.config import build_config
 from arvideo.engine import Engine
 from arvideo.evaluate import heldout_captions
+from arvideo.reporting import write_marked_section
 from arvideo.world.metrics import score_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,14 +310,7 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def write_doc(path: Path, text: str) -> None:
-    doc = path.read_text() if path.is_file() else "# Cache policies\n\n## Results\n\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in doc and END in doc:
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
+    write_marked_section(path, START, END, text, header="# Cache policies\n\n## Results\n\n")
 
 
 def report(rows: list[dict], meta: dict, args) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import subprocess
 import sys
@@ -136,15 +135,9 @@ def run_child(model: str | None, frames: int, seed: int, overrides: list[str], s
 
 # -- parent: sections --------------------------------------------------------------------------
 def write_section(name: str, text: str) -> None:
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    doc = DOC.read_text() if DOC.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc and end in doc:
-        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
+    from arvideo.reporting import write_marked_section
+
+    write_marked_section(DOC, f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->", text)
 
 
 def command_line() -> str:

@@ -526,15 +526,9 @@ def markdown_sweep(sweep: dict) -> str:
 
 
 def write_section(path: Path, name: str, text: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    doc = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
+    from arvideo.reporting import write_marked_section
+
+    write_marked_section(path, f"<!-- {name}:start -->", f"<!-- {name}:end -->", text, header="# Benchmarks\n")
 
 
 def load_json(path: Path) -> dict:

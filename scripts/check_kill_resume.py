@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -112,14 +111,9 @@ def main() -> int:
     ])
     print(text)
     if args.doc:
-        doc_path = ROOT / "docs" / "rendering.md"
-        doc = doc_path.read_text()
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in doc:
-            doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-        else:
-            doc = doc.rstrip() + "\n\n## Kill and resume on the embedded model\n\n" + block + "\n"
-        doc_path.write_text(doc)
+        from arvideo.reporting import write_marked_section
+
+        write_marked_section(ROOT / "docs" / "rendering.md", BEGIN, END, text)
     return 0 if same and len(killed) >= held - 1 > 0 else 1
 
 
