@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..sinks.base import close_all
 from .resume import _resume_mp4, _resume_npy, _resume_png_dir
 from .state import JobState
 
@@ -75,14 +76,7 @@ class JobOutputs:
             sink.write(frames)
 
     def close(self) -> None:
-        errors = []
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        close_all(self.sinks)
 
     def commit(self) -> list[Path]:
         """Finalises and renames every output into place; returns the final paths."""

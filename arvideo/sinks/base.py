@@ -72,6 +72,18 @@ def check_frames(frames: np.ndarray, frame_size: tuple[int, int] | None = None) 
     return np.ascontiguousarray(frames)
 
 
+def close_all(sinks) -> None:
+    """Close every sink even if one fails, then re-raise the first failure."""
+    errors = []
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 class MultiSink(BaseSink):
     """Fans every write out to several sinks, in the order given."""
 
@@ -84,12 +96,4 @@ class MultiSink(BaseSink):
             sink.write(frames)
 
     def _close(self) -> None:
-        # Close every sink even if one fails, then re-raise the first failure.
-        errors = []
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        close_all(self.sinks)
