@@ -36,6 +36,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--state-every", type=float, default=0.0, metavar="SECONDS",
                    help="save the resumable state at most this often (default 0: after every chunk)")
     p.add_argument("--no-state", action="store_true", help="do not save a resumable state")
+    p.add_argument("--stats", default=None, metavar="FILE.json",
+                   help="write the run's figures here: frames, seconds, model calls, peak memory (whole process)")
     p.add_argument("--config", action="append", default=None, help="YAML config file (repeatable, merged in order)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -160,6 +162,10 @@ def cmd_generate(args) -> int:
     from .render import Job, check_output_path, run_job
 
     cfg = _config_from_args(args, args.prompt)
+    if not str(cfg.device).startswith("cuda"):
+        from .memory import return_freed_memory_to_the_os
+
+        return_freed_memory_to_the_os()  # a peak that does not drift with length (memory.py says why)
     engine = Engine.from_folder(args.model, cfg.device, cfg.dtype, cfg.attention)
     resolved = engine.resolve(cfg)  # validate everything before any file is touched
     engine.make_schedule(resolved)
@@ -209,10 +215,20 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
+    from .memory import format_size, peak_bytes
+
+    peak = peak_bytes(resolved.cfg.device)  # whole run, from process start (never reset in generate)
+    if args.stats:
+        import json
+
+        stats = {"frames": result.frames, "seconds": seconds, "model_calls": engine.model_calls,
+                 "peak_memory_bytes": peak, "device": resolved.cfg.device, "resumed_from": result.resumed_from, "outputs": outs}
+        Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n")
     if not args.quiet:
         resumed = f" (resumed at frame {result.resumed_from})" if result.resumed_from else ""
         print(f"wrote {result.frames} frames ({result.frames / resolved.fps:.1f} s at {resolved.fps} fps) to "
-              f"{', '.join(outs)} in {seconds:.1f} s, {engine.model_calls} model calls{resumed}", file=sys.stderr)
+              f"{', '.join(outs)} in {seconds:.1f} s, {engine.model_calls} model calls, peak memory "
+              f"{format_size(peak)}{resumed}", file=sys.stderr)
     return 0
 
 

@@ -349,21 +349,33 @@ def _needed_for(jobs: list[JobPlan], baseline: int, weights: int, parallel: int)
 
 
 # -- measuring --------------------------------------------------------------------------------------
-def return_freed_memory_to_the_os() -> bool:
-    """glibc only: serve allocations of 4 MiB and more with mmap, so freeing them lowers the RSS.
+MMAP_THRESHOLD_BYTES = 8 * 2**20
+TRIM_THRESHOLD_BYTES = 64 * 2**20
+
+
+def return_freed_memory_to_the_os(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
+                                  trim_threshold: int = TRIM_THRESHOLD_BYTES) -> bool:
+    """glibc only: serve allocations of `mmap_threshold` bytes and more with mmap, so freeing them
+    lowers the RSS, and keep at most `trim_threshold` free bytes at the top of the heap.
 
     By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed and then
-    keeps freed memory in the heap: the process's resident memory stays at its high-water mark
-    plus fragmentation (measured on the tiny model at 128x128: +290 MiB retained on a 110 MiB
-    working set). A fixed threshold makes the CPU peak follow the live tensors; it costs an
-    mmap per large tensor. Returns whether it applied.
+    keeps freed memory in the heap, where fragmentation decides how much of it is reused: the
+    process's resident memory stays at its high-water mark plus fragmentation, and that peak
+    varies from run to run (measured on the tiny model at 128x128: +290 MiB retained on a 110 MiB
+    working set; on the embedded model, 160 frames, `--cache fast`, before the VAE's oneDNN path:
+    peaks of 552-593 MiB over five runs, 537 MiB with this setting). With a fixed threshold,
+    blocks above it are mapped and returned on free; the trim threshold stops glibc from
+    returning (and faulting back) the heap top on every free, which a fixed mmap threshold
+    otherwise does (a 4 MiB threshold with the default trim cost about 20% of the run time).
+    Returns whether it applied.
     """
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 4 * 2**20))  # M_MMAP_THRESHOLD
+        ok = bool(libc.mallopt(-3, int(mmap_threshold)))  # M_MMAP_THRESHOLD
+        return ok and bool(libc.mallopt(-1, int(trim_threshold)))  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
 
@@ -396,6 +408,13 @@ def process_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def peak_bytes(device: str = "cpu") -> int:
+    """Peak memory so far, without resetting it: the allocator's peak on CUDA, else the process's peak RSS."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return process_peak_bytes()
+
+
 class PeakMeter:
     """Peak memory since `reset()`: process peak RSS on CPU, allocator peak on CUDA."""
 
@@ -414,9 +433,7 @@ class PeakMeter:
             pass
 
     def peak(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return process_peak_bytes()
+        return peak_bytes(str(self.device) if self.cuda else "cpu")
 
     def baseline(self) -> int:
         """What the bound already holds before any job: resident memory (CPU) or allocated bytes (CUDA)."""

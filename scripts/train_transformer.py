@@ -139,6 +139,9 @@ def main() -> None:
     p.add_argument("--until", type=float, default=None,
                    help="unix time to stop at; overrides --minutes with the time left once the pool is built")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and reuse OUT/pool.pt)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint's EMA weights (and its transformer config) with a fresh "
+                        "optimiser, step count and pool: a new run that continues a previous model")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip = kv window")
     p.add_argument("--causal-block-size", type=int, default=TRANSFORMER_CONFIG["num_frame_per_block"])
@@ -195,9 +198,18 @@ def main() -> None:
     ids, mask = tokenize(tokenizer, pool["captions"], MAX_SEQUENCE_LENGTH)
     empty_ids, empty_mask = tokenize(tokenizer, [""], MAX_SEQUENCE_LENGTH)
 
+    init = None
+    if args.init is not None:
+        if args.resume:
+            raise SystemExit("--init starts a new run from a checkpoint; --resume continues OUT/last.pt: give one")
+        init = torch.load(args.init, map_location="cpu", weights_only=False)
+    t_config = init["transformer_config"] if init is not None else None
     model = torch.nn.ModuleDict(
-        dict(transformer=build_transformer(cbs, channels=C), text_encoder=build_text_encoder(len(tokenizer)))
+        dict(transformer=build_transformer(cbs, config=t_config, channels=C), text_encoder=build_text_encoder(len(tokenizer)))
     ).to(device)
+    if init is not None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in init["ema"]["shadow"].items()})
+        print(f"initialised from the EMA weights of {args.init} (step {init['step']})", flush=True)
     model["transformer"]._set_ar_attention(cbs)
     print(f"transformer parameters: {count_params(model['transformer']):,}; "
           f"text encoder: {count_params(model['text_encoder']):,}", flush=True)
@@ -227,7 +239,7 @@ def main() -> None:
         atomic_save(
             dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(), step=step,
                  wall_s=wall_before + clock.elapsed(), args=vars(args) | dict(vae=str(args.vae), out=str(args.out), log=str(args.log)),
-                 transformer_config=dict(TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C)),
+                 transformer_config=dict(t_config or TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C)),
             last,
         )
 

@@ -138,3 +138,35 @@ def test_decode_rejects_a_batch_of_videos():
     dec = StreamingDecoder(tiny_vae([False, True]))
     with pytest.raises(ConfigError, match="one video at a time"):
         dec.decode(torch.zeros(2, 4, 1, 4, 4))
+
+
+def test_onednn_cpu_path_matches_torch_generic_conv3d_on_the_shipped_vae(monkeypatch):
+    """The CPU fast path (oneDNN 3-D convolutions) decodes the same frames as torch's own path."""
+    from pathlib import Path
+
+    from arvideo.vae import use_onednn_conv3d
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "shapes-df" / "vae"
+    shipped = AutoencoderKLWan.from_pretrained(folder).eval()
+    if not use_onednn_conv3d(shipped.decoder):
+        pytest.skip("this torch build has no oneDNN")
+    calls = [0]
+    real = torch.mkldnn_convolution
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", counting)
+    torch.manual_seed(3)
+    latents = torch.randn(1, shipped.config.z_dim, 4, 16, 16)
+    generic = StreamingDecoder(shipped, fast_cpu_conv=False)
+    ref = generic.decode_tensor(latents[:, :, :1])
+    ref = torch.cat([ref, generic.decode_tensor(latents[:, :, 1:])], dim=2)
+    assert calls[0] == 0
+    fast = StreamingDecoder(shipped)
+    got = torch.cat([fast.decode_tensor(latents[:, :, :1]), fast.decode_tensor(latents[:, :, 1:])], dim=2)
+    assert calls[0] > 0
+    assert got.shape == ref.shape == (1, 3, 7, 64, 64)
+    # Same convolution, different summation order: float32 rounding only (observed ~1e-6).
+    assert (got - ref).abs().max().item() <= 1e-4
