@@ -8,6 +8,7 @@ Results go to stdout and into docs/kvstore.md between the markers of each sectio
   python scripts/bench_kvstore.py quality --frames 2000 --captions 12 \\
       --policies scored window sink-window full --positions reindexed absolute
   python scripts/bench_kvstore.py memory --quick --model /tmp/tiny       # smoke test
+  python scripts/bench_kvstore.py process --frames 160 800 2000 --repeat 2 # the real CLI, --cache fast
 
 `--model DIR` picks another model folder (default: the embedded models/shapes-df);
 `--jobs N` runs N subprocesses at once (timings then share the CPU: say so when quoting them).
@@ -171,6 +172,81 @@ def memory(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_cli(model: str | None, frames: int, seed: int, cache: str, overrides: list[str], workdir: Path) -> dict:
+    """`arvideo generate` itself (load, generate, decode, mp4 write, state saves: the whole process),
+    one torch thread; peak from its own --stats (VmHWM at exit), resident set sampled from outside."""
+    import os
+
+    from arvideo.evaluate import heldout_captions
+
+    seed, caption = heldout_captions(1, seed)[0]
+    out = workdir / f"v{frames}.mp4"
+    stats = workdir / f"v{frames}.json"
+    for stale in (out, stats):
+        stale.unlink(missing_ok=True)
+    state = out.with_name(out.name + ".arvideo-state")
+    if state.exists():
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True) if state.is_dir() else state.unlink()
+    cmd = [sys.executable, "-m", "arvideo", "generate", caption, "--frames", str(frames), "--seed", str(seed),
+           "--cache", cache, "--out", str(out), "--stats", str(stats), "--quiet", *(["--model", model] if model else []),
+           *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    trace = []  # (seconds, resident MiB) every 0.25 s
+    while proc.poll() is None:
+        kib = _status_kib(proc.pid, "VmRSS")
+        if kib:
+            trace.append((round(time.perf_counter() - t0, 2), round(kib / 1024, 1)))
+        time.sleep(0.25)
+    err = proc.stderr.read()
+    if proc.returncode != 0 or not stats.exists():
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    st = json.loads(stats.read_text())
+    late = [r for t, r in trace if t >= 0.5 * trace[-1][0]] if trace else []
+    return {"frames": frames, "cache": cache, "set": overrides, "seconds": st["seconds"], "model_calls": st["model_calls"],
+            "peak_rss_mib": st["peak_memory_bytes"] / 2**20, "rss_max_second_half_mib": max(late, default=0.0),
+            "rss_trace_mib": trace[:: max(1, len(trace) // 40)]}
+
+
+def process(args) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="arvideo-mem-") as tmp:
+        rows = [run_cli(args.model, f, args.seed, args.cache, args.set, Path(tmp))
+                for _ in range(args.repeat) for f in args.frames]
+    base = min(r["peak_rss_mib"] for r in rows if r["frames"] == args.frames[0])
+    lines = [
+        f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
+        f"{args.model or 'models/shapes-df'}; `arvideo generate ... --cache {args.cache}` in a subprocess, one torch "
+        f"thread, runs one after another{'; settings: ' + ' '.join(args.set) if args.set else ''})",
+        "",
+        "| frames | run | peak RSS MiB (whole process) | vs shortest | max RSS, second half of the run MiB | seconds | model calls |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, r in enumerate(rows):
+        lines.append(f"| {r['frames']} | {i // len(args.frames) + 1} | {r['peak_rss_mib']:.1f} | "
+                     f"{100 * (r['peak_rss_mib'] / base - 1):+.1f}% | {r['rss_max_second_half_mib']:.1f} | "
+                     f"{r['seconds']:.1f} | {r['model_calls']} |")
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.section or "process", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def quality(args) -> None:
     import numpy as np
 
@@ -247,7 +323,7 @@ def fidelity(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["memory", "quality", "fidelity", "child", "fidelity-child"])
+    p.add_argument("mode", choices=["memory", "process", "quality", "fidelity", "child", "fidelity-child"])
     p.add_argument("--model", default=None, help="model folder (default: the embedded models/shapes-df)")
     p.add_argument("--frames", type=int, nargs="+", default=None,
                    help="memory: lengths to run (default 160 800 2000 10000); quality: one length (default 2000)")
@@ -263,17 +339,19 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["scored/absolute", "window/absolute", "sink-window/absolute",
                                                       "scored/reindexed", "sink-window/reindexed"],
                    help="fidelity: policy/positions pairs compared with full/absolute")
+    p.add_argument("--cache", default="fast", help="process: the --cache preset of arvideo generate")
+    p.add_argument("--repeat", type=int, default=1, help="process: runs of each length (the allocator varies)")
     p.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode in ("child", "fidelity-child"):
         args.frames = args.frames[0]
         return (child if args.mode == "child" else fidelity_child)(args)
     if args.frames is None:
-        args.frames = ([160, 800] if args.quick else [160, 800, 2000, 10000]) if args.mode == "memory" else (
+        args.frames = ([160, 800] if args.quick else [160, 800, 2000, 10000]) if args.mode in ("memory", "process") else (
             [160] if args.quick else [2000] if args.mode == "quality" else [400])
     if args.quick and args.mode != "memory":
         args.captions = min(args.captions, 2 if args.mode == "quality" else 1)
-    {"memory": memory, "quality": quality, "fidelity": fidelity}[args.mode](args)
+    {"memory": memory, "process": process, "quality": quality, "fidelity": fidelity}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -273,8 +273,10 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
 
     from arvideo.config import build_config
     from arvideo.engine import Engine
+    from arvideo.memory import return_freed_memory_to_the_os
     from arvideo.sinks import NpySink, open_sink
 
+    return_freed_memory_to_the_os()  # as `arvideo generate` does on CPU
     t_load = time.perf_counter()
     engine = Engine.from_folder(spec["model"])
     counter = WorkCounter(engine.model.transformer, count_forward=False)

@@ -51,8 +51,9 @@ def arvideo_defaults(args, df_ck: dict) -> dict:
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         "vae_temporal_factor": 2,
         "vae_spatial_factor": 4,
-        "trained_steps": int(df_ck.get("step", 0)),
-        "trained_minutes": round(float(df_ck.get("wall_s", 0.0)) / 60, 1),
+        # A run started with --init continues an earlier one: count both.
+        "trained_steps": int(df_ck.get("step", 0)) + int(df_ck.get("init", {}).get("step", 0)),
+        "trained_minutes": round((float(df_ck.get("wall_s", 0.0)) + float(df_ck.get("init", {}).get("wall_s", 0.0))) / 60, 1),
         "window_blocks": args.window_blocks,
         "kv_policy": args.kv_policy,
     }

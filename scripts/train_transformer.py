@@ -239,7 +239,10 @@ def main() -> None:
         atomic_save(
             dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(), step=step,
                  wall_s=wall_before + clock.elapsed(), args=vars(args) | dict(vae=str(args.vae), out=str(args.out), log=str(args.log)),
-                 transformer_config=dict(t_config or TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C)),
+                 transformer_config=dict(t_config or TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C),
+                 # training behind the --init weights (export_model.py adds it to the totals)
+                 init=dict(path=str(args.init), step=init["step"] + init.get("init", {}).get("step", 0),
+                           wall_s=init["wall_s"] + init.get("init", {}).get("wall_s", 0.0)) if init is not None else {}),
             last,
         )
 

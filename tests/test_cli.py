@@ -79,3 +79,19 @@ def test_console_script_generates_in_a_real_process(folder, tmp_path):
                            "--quiet"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert np.load(out).shape == (9, 32, 32, 3)
+
+
+def test_python_dash_m_generate_writes_stats_with_the_whole_process_peak(folder, tmp_path):
+    import json
+
+    out, stats = tmp_path / "m.npy", tmp_path / "stats.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "arvideo", "generate", CAPTION, "--model", str(folder), "--frames", "9",
+                           "--out", str(out), "--stats", str(stats), "--quiet"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(stats.read_text())
+    assert got["frames"] == 9 and got["model_calls"] > 0 and got["seconds"] > 0
+    # a process that imported torch and ran a model: well over 50 MiB, under this machine's memory
+    assert 50 * 2**20 < got["peak_memory_bytes"] < 24 * 2**30
+    assert np.load(out).shape == (9, 32, 32, 3)

@@ -1,0 +1,3 @@
+from arvideo.cli import main
+
+raise SystemExit(main())
