@@ -380,10 +380,10 @@ def return_freed_memory_to_the_os(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
         return False
 
 
-def _proc_status_bytes(key: str) -> int | None:
-    """A size field (kB) of /proc/self/status in bytes; None where unavailable."""
+def proc_status_bytes(key: str, pid: int | str = "self") -> int | None:
+    """A size field (kB) of /proc/PID/status in bytes (this process by default); None where unavailable."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -393,14 +393,14 @@ def _proc_status_bytes(key: str) -> int | None:
 
 def process_resident_bytes() -> int:
     """Current resident memory of this process (Linux /proc; 0 where unavailable)."""
-    return _proc_status_bytes("VmRSS") or 0
+    return proc_status_bytes("VmRSS") or 0
 
 
 def process_peak_bytes() -> int:
     """Peak resident set of this process: VmHWM on Linux (per address space, so a process
     started by another counts only itself), else ru_maxrss. ru_maxrss is not used on Linux
     because it survives exec: a child spawned from a big parent reports the parent's peak."""
-    peak = _proc_status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     if peak is not None:
         return peak
     import resource

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,8 +29,9 @@ METRICS = ("adherence", "persistence", "spurious", "smoothness", "background", "
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    from arvideo.memory import process_resident_bytes
+
+    return process_resident_bytes() / 2**20
 
 
 # -- child: one generation --------------------------------------------------------------------
@@ -172,22 +172,13 @@ def memory(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _status_kib(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def run_cli(model: str | None, frames: int, seed: int, cache: str, overrides: list[str], workdir: Path) -> dict:
     """`arvideo generate` itself (load, generate, decode, mp4 write, state saves: the whole process),
     one torch thread; peak from its own --stats (VmHWM at exit), resident set sampled from outside."""
     import os
 
     from arvideo.evaluate import heldout_captions
+    from arvideo.memory import proc_status_bytes
 
     seed, caption = heldout_captions(1, seed)[0]
     out = workdir / f"v{frames}.mp4"
@@ -207,9 +198,9 @@ def run_cli(model: str | None, frames: int, seed: int, cache: str, overrides: li
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     trace = []  # (seconds, resident MiB) every 0.25 s
     while proc.poll() is None:
-        kib = _status_kib(proc.pid, "VmRSS")
-        if kib:
-            trace.append((round(time.perf_counter() - t0, 2), round(kib / 1024, 1)))
+        rss = proc_status_bytes("VmRSS", proc.pid)
+        if rss:
+            trace.append((round(time.perf_counter() - t0, 2), round(rss / 2**20, 1)))
         time.sleep(0.25)
     err = proc.stderr.read()
     if proc.returncode != 0 or not stats.exists():
