@@ -207,9 +207,13 @@ def main() -> None:
     model = torch.nn.ModuleDict(
         dict(transformer=build_transformer(cbs, config=t_config, channels=C), text_encoder=build_text_encoder(len(tokenizer)))
     ).to(device)
+    prior = {}  # the training behind the --init weights (export_model.py adds it to the totals)
     if init is not None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in init["ema"]["shadow"].items()})
         print(f"initialised from the EMA weights of {args.init} (step {init['step']})", flush=True)
+        before = init.get("init", {})
+        prior = dict(path=str(args.init), step=init["step"] + before.get("step", 0),
+                     wall_s=init["wall_s"] + before.get("wall_s", 0.0))
     model["transformer"]._set_ar_attention(cbs)
     print(f"transformer parameters: {count_params(model['transformer']):,}; "
           f"text encoder: {count_params(model['text_encoder']):,}", flush=True)
@@ -223,6 +227,7 @@ def main() -> None:
         opt.load_state_dict(ck["opt"])
         ema.load_state_dict(ck["ema"])
         step, wall_before = ck["step"], ck["wall_s"]
+        prior = ck.get("init", {})
         print(f"resumed at step {step} ({wall_before / 60:.1f} min trained)", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + step)
@@ -240,9 +245,7 @@ def main() -> None:
             dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(), step=step,
                  wall_s=wall_before + clock.elapsed(), args=vars(args) | dict(vae=str(args.vae), out=str(args.out), log=str(args.log)),
                  transformer_config=dict(t_config or TRANSFORMER_CONFIG, num_frame_per_block=cbs, in_channels=C, out_channels=C),
-                 # training behind the --init weights (export_model.py adds it to the totals)
-                 init=dict(path=str(args.init), step=init["step"] + init.get("init", {}).get("step", 0),
-                           wall_s=init["wall_s"] + init.get("init", {}).get("wall_s", 0.0)) if init is not None else {}),
+                 init=prior),
             last,
         )
 

@@ -145,6 +145,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (useful on GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-clips", type=int, default=16, help="held-out clips for the final PSNR")
+    p.add_argument("--stat-clips", type=int, default=96, help="clips for the latent mean / std statistics")
     args = p.parse_args()
 
     setup_torch(args.threads, args.seed)
@@ -212,11 +214,11 @@ def main() -> None:
             last_save = time.time()
 
     vae.eval()
-    value = evaluate_psnr(vae)
+    value = evaluate_psnr(vae, args.eval_clips)
     if args.decoder_only and init_ck is not None and "latents_mean" in init_ck:
         mean, std = init_ck["latents_mean"], init_ck["latents_std"]  # encoder frozen: same latent space
     else:
-        mean, std = latent_stats(vae)
+        mean, std = latent_stats(vae, args.stat_clips)
     wall = wall_before + clock.elapsed()
     save(dict(psnr=value, latents_mean=mean, latents_std=std))
     summary = dict(step=step, wall_s=round(wall, 1), psnr_db=round(value, 2), latents_mean=mean, latents_std=std,

@@ -1,0 +1,56 @@
+"""The training scripts end to end at toy length: VAE, transformer (new, --init, --resume), export.
+
+This is what someone retraining the embedded model runs (docs/training.md), shrunk to a few
+optimiser steps: it checks that the scripts work together and that the exported folder loads
+with diffusers and with the engine, not that the weights are any good (~45 s on one core).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_vae_transformer_init_resume_export_then_load(tmp_path):
+    vae = tmp_path / "vae"
+    run("train_vae.py", "--out", vae, "--steps", 2, "--batch", 1, "--frames", 5, "--crop", 32, "--threads", 1,
+        "--eval-clips", 1, "--stat-clips", 2, "--log", tmp_path / "vae.csv")
+    ck = vae / "last.pt"
+    common = ["--vae", ck, "--batch", 2, "--pool-clips", 2, "--pool-frames", 17, "--eval-every-min", 0, "--threads", 1]
+    out = run("train_transformer.py", "--out", tmp_path / "df", "--steps", 2, "--log", tmp_path / "df.csv", *common)
+    assert "saved" in out and "at step 2" in out
+    out = run("train_transformer.py", "--init", tmp_path / "df" / "last.pt", "--out", tmp_path / "df2", "--steps", 2,
+              "--log", tmp_path / "df2.csv", *common)
+    assert "initialised from the EMA weights" in out
+    out = run("train_transformer.py", "--resume", "--out", tmp_path / "df2", "--steps", 3, "--log", tmp_path / "df2.csv",
+              *common)
+    assert "resumed at step 2" in out and "at step 3" in out
+    model = tmp_path / "model"
+    run("export_model.py", "--vae", ck, "--df", tmp_path / "df2" / "last.pt", "--out", model)
+
+    defaults = json.loads((model / "arvideo.json").read_text())
+    assert defaults["trained_steps"] == 2 + 3  # the --init run's steps count too
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(model)
+    assert pipe.transformer.config.in_channels == pipe.vae.config.z_dim
+
+    from arvideo.config import build_config
+    from arvideo.engine import Engine
+
+    engine = Engine.from_folder(model)
+    frames = engine.generate(build_config(prompt="a small red circle on a black background", frames=7,
+                                          overrides=["sampler.steps=2"]))
+    assert frames.shape == (7, 64, 64, 3) and frames.dtype == np.uint8
