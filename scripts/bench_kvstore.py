@@ -141,6 +141,15 @@ def write_section(name: str, text: str) -> None:
     write_marked_section(DOC, f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->", text)
 
 
+def publish(args, section: str, lines: list[str], rows) -> None:
+    """Print the table, put it in docs/kvstore.md (`--section`, else `section`), raw rows to `--json`."""
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.section or section, text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def command_line() -> str:
     return "python scripts/bench_kvstore.py " + " ".join(sys.argv[1:])
 
@@ -165,11 +174,7 @@ def memory(args) -> None:
             f"{100 * (r['peak_rss_mib'] / base - 1):+.1f}% | {r['kv_bytes_max'] / 2**20:.2f} | {r['kv_tokens_max']} | "
             f"{r['tick_s_first10']:.3f} | {r['tick_s_last10']:.3f} | {r['seconds']:.0f} | {r['chunks']} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    write_section(args.section or "memory", text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    publish(args, "memory", lines, rows)
 
 
 def run_cli(model: str | None, frames: int, seed: int, cache: str, overrides: list[str], workdir: Path) -> dict:
@@ -231,11 +236,7 @@ def process(args) -> None:
         lines.append(f"| {r['frames']} | {i // len(args.frames) + 1} | {r['peak_rss_mib']:.1f} | "
                      f"{100 * (r['peak_rss_mib'] / base - 1):+.1f}% | {r['rss_max_second_half_mib']:.1f} | "
                      f"{r['seconds']:.1f} | {r['model_calls']} |")
-    text = "\n".join(lines)
-    print(text)
-    write_section(args.section or "process", text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    publish(args, "process", lines, rows)
 
 
 def quality(args) -> None:
@@ -272,11 +273,7 @@ def quality(args) -> None:
     for variant, r in results:
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "
                      f"adherence {r['adherence']:.3f}")
-    text = "\n".join(lines)
-    print(text)
-    write_section(args.section or "quality", text)
-    if args.json:
-        Path(args.json).write_text(json.dumps([dict(r, variant=list(v)) for v, r in results], indent=1))
+    publish(args, "quality", lines, [dict(r, variant=list(v)) for v, r in results])
 
 
 def fidelity(args) -> None:
@@ -305,11 +302,7 @@ def fidelity(args) -> None:
         rs = [r for row in rows for r in row["rows"] if r["variant"] == v]
         lines.append(f"| {v} | {sum(r['rel_err_mean'] for r in rs) / len(rs):.4f} | "
                      f"{max(r['rel_err_max'] for r in rs):.4f} | {sum(r['chunks'] for r in rs)} |")
-    text = "\n".join(lines)
-    print(text)
-    write_section(args.section or "fidelity", text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    publish(args, "fidelity", lines, rows)
 
 
 def main() -> None:
