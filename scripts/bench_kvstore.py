@@ -188,13 +188,8 @@ def run_cli(model: str | None, frames: int, seed: int, cache: str, overrides: li
     seed, caption = heldout_captions(1, seed)[0]
     out = workdir / f"v{frames}.mp4"
     stats = workdir / f"v{frames}.json"
-    for stale in (out, stats):
+    for stale in (out, stats):  # a repeat of this length (a successful run leaves no state file)
         stale.unlink(missing_ok=True)
-    state = out.with_name(out.name + ".arvideo-state")
-    if state.exists():
-        import shutil
-
-        shutil.rmtree(state, ignore_errors=True) if state.is_dir() else state.unlink()
     cmd = [sys.executable, "-m", "arvideo", "generate", caption, "--frames", str(frames), "--seed", str(seed),
            "--cache", cache, "--out", str(out), "--stats", str(stats), "--quiet", *(["--model", model] if model else []),
            *overrides]

@@ -95,3 +95,16 @@ def test_python_dash_m_generate_writes_stats_with_the_whole_process_peak(folder,
     # a process that imported torch and ran a model: well over 50 MiB, under this machine's memory
     assert 50 * 2**20 < got["peak_memory_bytes"] < 24 * 2**30
     assert np.load(out).shape == (9, 32, 32, 3)
+
+
+def test_peak_bytes_reads_the_high_water_mark_without_resetting_it():
+    """`generate --stats` reports peak_bytes(): it must keep a peak that is long gone, not the current RSS."""
+    from arvideo.memory import peak_bytes, process_resident_bytes
+
+    before = process_resident_bytes()
+    if before == 0:
+        pytest.skip("no /proc here")
+    block = np.ones(200 * 2**20, dtype=np.uint8)  # touched: 200 MiB resident
+    del block
+    assert peak_bytes("cpu") >= before + 190 * 2**20
+    assert peak_bytes("cpu") >= before + 190 * 2**20  # reading it twice does not reset it
