@@ -1,8 +1,11 @@
 """Writing measured tables into the docs: one marked section of a Markdown file, replaced in place."""
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
+
+import torch
 
 
 def write_marked_section(path: Path, begin: str, end: str, text: str, header: str = "") -> None:
@@ -17,3 +20,16 @@ def write_marked_section(path: Path, begin: str, end: str, text: str, header: st
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc)
+
+
+def device_line() -> str:
+    """`CPU <model name>, torch <version>, <n> thread(s), float32`: the machine line of a CPU benchmark table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32"

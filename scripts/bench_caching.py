@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -30,7 +29,7 @@ from arvideo.caching.fidelity import psnr, ssim
 from arvideo.config import build_config
 from arvideo.engine import Engine
 from arvideo.evaluate import heldout_captions
-from arvideo.reporting import write_marked_section
+from arvideo.reporting import device_line, write_marked_section
 from arvideo.world.metrics import score_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,18 +143,6 @@ def sweep_configs(name: str, steps: int) -> list[tuple[str, str, str, int]]:
             s = steps if fraction is None else max(1, round(steps * fraction))
             out.append((family, label if fraction is None else f"{s} steps", preset.format(**fill), s))
     return out
-
-
-def device_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32"
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
