@@ -21,7 +21,7 @@ slower in torch's default form than they need to be. Its 3-D convolutions go to 
 decode. `StreamingDecoder(fast_cpu=True)` (the default) runs the convolutions through oneDNN
 (`torch.mkldnn_convolution`) on channels-last (NDHWC) activations, and the norm as
 `x * rsqrt(max(sum(x^2), eps^2))` over the channel dimension: the same functions, equal to float
-rounding (tests compare the decoded frames with torch's own path); together 2.4x faster than
+rounding (tests compare the decoded frames with torch's own path); together about 2x faster than
 torch's path on the shipped VAE (`python scripts/bench_decoder.py`).
 """
 
