@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import CallPlan, WanFamilyBackbone
-from .caching import PolicyContext, make_policy_factory
+from .caching import PolicyContext, make_policy_factory, preset_sampler
 from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .config import GenerateConfig
@@ -110,7 +110,7 @@ class Engine:
             raise ConfigError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
         sampler = replace(
             cfg.sampler,
-            name=cfg.sampler.name or d.get("sampler", "unipc"),
+            name=cfg.sampler.name or preset_sampler(cfg.cache.preset) or d.get("sampler", "unipc"),
             steps=cfg.sampler.steps or d.get("steps", 30),
             shift=cfg.sampler.shift if cfg.sampler.shift is not None
             else d.get("flow_shift", self.model.scheduler_config.get("flow_shift", 8.0)),

@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     engine.decoder = DecodeTimer(engine.decoder)
     base = build_config(args.config, list(args.overrides), frames=args.frames)
     r = engine.resolve(base)
+    # One sampler for every row, the reference's: a preset's own `sampler:` key would otherwise make
+    # it differ from `none`, and PSNR against another sampler's video measures the sampler, not the
+    # cache. The presets name Euler, so `sampler.name=euler` measures them as they run.
+    base = replace(base, sampler=replace(base.sampler, name=r.cfg.sampler.name))
     steps = r.steps
     configs = sweep_configs(args.sweep, steps)
     if args.only:

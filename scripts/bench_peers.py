@@ -283,7 +283,9 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
     load_s = time.perf_counter() - t_load
     cfg = build_config(prompt=spec["caption"], negative_prompt=spec["negative_prompt"], frames=spec["frames"],
                        seed=spec["seed"], guidance_scale=spec["guidance_scale"],
-                       overrides=[f"sampler.steps={spec['steps']}", f"cache.preset={spec['cache']}"])
+                       # UniPC for every row, the diffusers pipeline's scheduler: the `fast` preset alone would
+                       # pick Euler, and its PSNR against arvideo-full would then measure the sampler too
+                       overrides=[f"sampler.steps={spec['steps']}", "sampler.name=unipc", f"cache.preset={spec['cache']}"])
     side = NpySink(spec["npy"])  # for fidelity and world metrics: its time is taken out of every figure
     aux = 0.0
     t0 = time.perf_counter()
@@ -445,6 +447,8 @@ def _model_label(model: Path) -> str:
 
 
 def markdown(cpu: dict) -> str:
+    from arvideo.caching import preset_sampler
+
     m, st = cpu["meta"], cpu["settings"]
     lines = [
         f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPUs, {m['platform']}); torch {m['torch']}, "
@@ -454,7 +458,8 @@ def markdown(cpu: dict) -> str:
         f"Command: `{m['command']}`",
         "",
         f"Model `{cpu['model']}`; {cpu['captions']} held-out caption(s) (world seeds {cpu['seeds']}); "
-        f"{cpu['frames']} frames (requested {cpu['frames_requested']}); {st['steps']} UniPC steps, guidance "
+        f"{cpu['frames']} frames (requested {cpu['frames_requested']}); {st['steps']} UniPC steps in every row "
+        f"(`arvideo-fast` too, where its preset alone would take {preset_sampler('fast') or 'the model default'}), guidance "
         f"{st['guidance_scale']}; diffusers windows: base_num_frames {st['base_num_frames']}, overlap_history "
         f"{st['overlap_history']}, addnoise_condition {st['addnoise_condition']}, causal_block_size "
         f"{st['causal_block_size']}, ar_step {st['ar_step']}. First chunk = the first {cpu['first_chunk_frames']} "

@@ -59,7 +59,7 @@ def test_bench_peers_all_rows_fill_json_and_doc(model, tmp_path):
     out.write_text(json.dumps({"gpu": {"kept": True}}))
     doc.write_text("# Benchmarks\n\n<!-- peers:start -->\nold\n<!-- peers:end -->\n\ntail\n")
     rows = ["diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc", "arvideo-full", "arvideo-fast"]
-    assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "6",
+    assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "8",
                        "--rows", ",".join(rows), "--out-json", str(out), "--doc", str(doc)]) == 0
     data = json.loads(out.read_text())
     assert data["gpu"] == {"kept": True}

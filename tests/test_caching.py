@@ -249,9 +249,10 @@ def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, 
 
 
 def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
-    name, params = parse_preset("fast:tau=0.5")
-    assert name == "combination" and params["tau"] == 0.5 and params["k"] == 2
-    assert parse_preset("quality") == ("meancache", {"budget": 8, "gamma": 2.0, "cost": "displacement"})
+    name, params = parse_preset("fast:budget=5")
+    assert name == "meancache" and params["budget"] == 5 and params["sampler"] == "euler"
+    assert parse_preset("quality") == ("meancache", {"budget": 10, "gamma": 2.0, "cost": "displacement",
+                                                     "sampler": "euler"})
     with pytest.raises(ConfigError, match="available: .*fast"):
         make_policy_factory("fastest", STEPS)
     with pytest.raises(ConfigError, match="no parameter tua; valid: tau"):
@@ -260,6 +261,19 @@ def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
         make_policy_factory("fora:3", STEPS)
     with pytest.raises(ConfigError, match="choose one of patch, modulation"):
         make_policy_factory("flowcache:indicator=pixels", STEPS)
+
+
+def test_a_preset_names_its_sampler_unless_the_user_chose_one(engine):
+    from arvideo.caching import preset_sampler
+
+    assert preset_sampler("fast") == preset_sampler("quality") == "euler"
+    assert preset_sampler("meancache:budget=4") is None and preset_sampler("none") is None
+    assert engine.resolve(_cfg("fast")).cfg.sampler.name == "euler"
+    assert engine.resolve(_cfg("none")).cfg.sampler.name == "unipc"  # the model's default
+    assert engine.resolve(_cfg("fast", sampler__name="unipc")).cfg.sampler.name == "unipc"
+    assert make_policy_factory("fast", STEPS).may_skip  # the sampler key never reaches the policy
+    with pytest.raises(ConfigError, match="choose one of unipc, euler"):
+        preset_sampler("meancache:sampler=heun")
 
 
 # -- DeepCache partial compute ---------------------------------------------------------------------

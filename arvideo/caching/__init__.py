@@ -167,6 +167,21 @@ def parse_preset(preset: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+SAMPLERS = ("unipc", "euler")
+
+
+def preset_sampler(preset: str | PolicyFactory) -> str | None:
+    """The sampler a preset asks for (its `sampler:` key), or None. The engine uses it where the
+    user set no `sampler.name`: MeanCache's average-velocity steps are Euler's math, so the presets
+    built on them say `sampler: euler`."""
+    if not isinstance(preset, str):
+        return None
+    sampler = parse_preset(preset)[1].get("sampler")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ConfigError(f"cache preset {preset!r}: sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return sampler
+
+
 def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path | None = None) -> PolicyFactory:
     """A factory making one fresh policy per chunk for the named preset."""
     if not isinstance(preset, str):
@@ -174,6 +189,7 @@ def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path
             return preset
         raise ConfigError(f"cache preset must be a name or a PolicyFactory, got {type(preset).__name__}")
     name, params = parse_preset(preset)
+    params.pop("sampler", None)  # for the engine (preset_sampler), not the policy
     builder = POLICIES[name]
     valid = [p for p in inspect.signature(builder).parameters if p not in ("steps", "model_dir")]
     unknown = sorted(set(params) - set(valid))
@@ -189,4 +205,4 @@ def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path
 
 
 __all__ = ["CachePolicy", "NoCache", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
-           "make_policy_factory", "parse_preset"]
+           "make_policy_factory", "parse_preset", "preset_sampler"]
