@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..samplers import SAMPLERS
 from .base import CachePolicy, PolicyContext, PolicyFactory
 from .baselines import Fora, TeaCache, TickDecision
 from .calibration import costs_from_entry, find_entry
@@ -165,9 +166,6 @@ def parse_preset(preset: str) -> tuple[str, dict[str, Any]]:
     if name not in POLICIES:
         raise ConfigError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
     return name, params
-
-
-SAMPLERS = ("unipc", "euler")
 
 
 def preset_sampler(preset: str | PolicyFactory) -> str | None:
