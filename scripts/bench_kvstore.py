@@ -19,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -246,8 +247,32 @@ def quality(args) -> None:
         overrides = [f"kv.policy={policy}", f"kv.positions={pos}", *args.set]
         for i in range(args.captions):
             jobs.append(((policy, pos), args.seed + i, overrides))
+    # every finished video is appended to a journal next to --json, so an interrupted run (a
+    # 2,000-frame comparison is hours of CPU) continues where it stopped when started again
+    journal = Path(args.json + ".partial.jsonl") if args.json else None
+    done = {}
+    if journal is not None and journal.exists():
+        for line in journal.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["frames"] == args.frames[0] and rec["model"] == args.model:
+                done[(tuple(rec["variant"]), rec["world_seed"], tuple(rec["overrides"]))] = rec["result"]
+        print(f"{len(done)} run(s) taken from {journal}", flush=True)
+    lock = threading.Lock()
+
+    def run(job):
+        key = (job[0], job[1], tuple(job[2]))
+        if key in done:
+            return job[0], done[key]
+        result = run_child(args.model, args.frames[0], job[1], job[2], True)
+        if journal is not None:
+            rec = {"frames": args.frames[0], "model": args.model, "variant": list(job[0]), "world_seed": job[1],
+                   "overrides": job[2], "result": result}
+            with lock, journal.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return job[0], result
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: (j[0], run_child(args.model, args.frames[0], j[1], j[2], True)), jobs))
+        results = list(pool.map(run, jobs))
     lines = [
         f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
         f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; captions: held-out world seeds "
@@ -314,7 +339,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at once")
     p.add_argument("--quick", action="store_true", help="memory 160 800; quality 160 frames, 2 captions")
     p.add_argument("--section", default=None, help="docs/kvstore.md section to write (default: the mode)")
-    p.add_argument("--json", default=None, help="also write raw rows here")
+    p.add_argument("--json", default=None, help="also write raw rows here (quality: finished videos are journaled to "
+                   "JSON.partial.jsonl and reused when the same command runs again)")
     p.add_argument("--variants", nargs="+", default=["scored/absolute", "window/absolute", "sink-window/absolute",
                                                       "scored/reindexed", "sink-window/reindexed"],
                    help="fidelity: policy/positions pairs compared with full/absolute")
