@@ -242,11 +242,9 @@ def quality(args) -> None:
     for policy in args.policies:
         for pos in args.positions if policy != "window" else args.positions[:1]:
             variants.append((policy, pos))
-    jobs = []
-    for policy, pos in variants:
-        overrides = [f"kv.policy={policy}", f"kv.positions={pos}", *args.set]
-        for i in range(args.captions):
-            jobs.append(((policy, pos), args.seed + i, overrides))
+    # caption-major, so that the videos finished when a long run is cut short compare every policy
+    jobs = [((policy, pos), args.seed + i, [f"kv.policy={policy}", f"kv.positions={pos}", *args.set])
+            for i in range(args.captions) for policy, pos in variants]
     # every finished video is appended to a journal next to --json, so an interrupted run (a
     # 2,000-frame comparison is hours of CPU) continues where it stopped when started again
     journal = Path(args.json + ".partial.jsonl") if args.json else None
@@ -290,7 +288,7 @@ def quality(args) -> None:
             f"{np.mean([r['peak_rss_mib'] for r in rows]):.0f} | {np.mean([r['seconds'] for r in rows]):.0f} |"
         )
     lines += ["", "Per video (persistence, adherence):", ""]
-    for variant, r in results:
+    for variant, r in sorted(results, key=lambda vr: variants.index(vr[0])):
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "
                      f"adherence {r['adherence']:.3f}")
     publish(args, "quality", lines, [dict(r, variant=list(v)) for v, r in results])
