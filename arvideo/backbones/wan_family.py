@@ -36,7 +36,6 @@ class WanFamilyBackbone:
         self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._axis_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.kept_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.fast_cpu = True  # CPU float32 inference: the FFN's GELU in its faster identical form (feed_forward)
 
     # -- properties the engine reads -------------------------------------------------------
     @property
@@ -221,7 +220,7 @@ class WanFamilyBackbone:
         x = x + block.attn2(norm_x, text, None, None)
 
         norm_x = modulate(block.norm3, x, c_scale, c_shift).type_as(x)
-        ff = feed_forward(block.ffn, norm_x, self.fast_cpu)
+        ff = feed_forward(block.ffn, norm_x)
         x = (x.float().view(b, f, hw, -1) + ff.float().view(b, f, hw, -1) * c_gate).flatten(1, 2).type_as(x)
         return x
 
