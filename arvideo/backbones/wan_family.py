@@ -4,9 +4,8 @@ run chunk by chunk against an external KV store.
 The weights and submodules are diffusers' own; this adapter re-drives their forward so that
 packed chunks attend block-causally to the committed K/V in the store and to each other,
 with one plain SDPA call per chunk and no L x L mask. Numerically it follows diffusers'
-`SkyReelsV2TransformerBlock.forward` op for op (on CPU the FFN's tanh GELU is written in an
-identical, faster form: `feed_forward`), so a full-compute run equals diffusers' block-causal
-forward (tests/test_exactness.py).
+`SkyReelsV2TransformerBlock.forward` op for op, so a full-compute run equals diffusers'
+block-causal forward (tests/test_exactness.py).
 """
 from __future__ import annotations
 
@@ -220,7 +219,7 @@ class WanFamilyBackbone:
         x = x + block.attn2(norm_x, text, None, None)
 
         norm_x = modulate(block.norm3, x, c_scale, c_shift).type_as(x)
-        ff = feed_forward(block.ffn, norm_x)
+        ff = block.ffn(norm_x)
         x = (x.float().view(b, f, hw, -1) + ff.float().view(b, f, hw, -1) * c_gate).flatten(1, 2).type_as(x)
         return x
 
@@ -273,26 +272,6 @@ class WanFamilyBackbone:
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-_GELU_C1 = 2.0 * math.sqrt(2.0 / math.pi)  # 2z = C1 x + C2 x^3 for z of the tanh-approximate GELU
-_GELU_C2 = _GELU_C1 * 0.044715
-
-
-def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
-    """diffusers' `FeedForward` (GELU(tanh) projection, dropout, linear). For CPU float32 inference
-    (`fast`) the tanh-approximate GELU, 0.5 x (1 + tanh(z)), is computed as the identical x sigmoid(2z):
-    this CPU's vectorised tanh is ~4x slower than its sigmoid (1.0 against 0.27 ms on a [2, 256, 512]
-    tensor, one thread), and the GELU was ~10% of a full-compute run (docs/benchmarks.md). Anything else
-    (GPU, other dtypes, autograd, another activation) runs the module itself."""
-    net = getattr(ffn, "net", None)
-    act = net[0] if net is not None and len(net) == 3 else None
-    if not (fast and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and type(act).__name__ == "GELU" and getattr(act, "approximate", None) == "tanh"):
-        return ffn(x)
-    h = act.proj(x)
-    h = h * torch.sigmoid(h * (_GELU_C1 + _GELU_C2 * (h * h)))
-    return net[2](net[1](h))
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
