@@ -632,6 +632,7 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
         "speedup_whole_vs_diffusers": d["whole_s"] / fast["whole_s"] if both else None,
         "ttff_ratio_vs_diffusers": fast["ttff_s"] / d["ttff_s"] if both else None,
         "peak_mem_ratio_vs_diffusers": fast["peak_rss_mib"] / d["peak_rss_mib"] if both else None,
+        "peak_mem_source": "main run, mean peak RSS over captions (a later --memory-sweep replaces it)",
         "hooks": hooks, "rows": summary, "runs": runs,
     })
     text = markdown(cpu)
