@@ -292,6 +292,8 @@ def quality(args) -> None:
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "
                      f"adherence {r['adherence']:.3f}")
     publish(args, "quality", lines, [dict(r, variant=list(v)) for v, r in results])
+    if journal is not None:
+        journal.unlink(missing_ok=True)  # complete: a later run (new weights in the same folder) starts afresh
 
 
 def fidelity(args) -> None:
@@ -338,7 +340,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="memory 160 800; quality 160 frames, 2 captions")
     p.add_argument("--section", default=None, help="docs/kvstore.md section to write (default: the mode)")
     p.add_argument("--json", default=None, help="also write raw rows here (quality: finished videos are journaled to "
-                   "JSON.partial.jsonl and reused when the same command runs again)")
+                   "JSON.partial.jsonl until the run completes; an interrupted run started again reuses them)")
     p.add_argument("--variants", nargs="+", default=["scored/absolute", "window/absolute", "sink-window/absolute",
                                                       "scored/reindexed", "sink-window/reindexed"],
                    help="fidelity: policy/positions pairs compared with full/absolute")

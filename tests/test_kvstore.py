@@ -228,3 +228,38 @@ def test_whole_process_peak_memory_at_4000_frames_within_5_percent_of_400(folder
         assert row["kv_bytes_max"] == row["kv_bytes_min"] and row["kv_tokens_max"] == 6 * 16
         peaks[frames] = row["peak_rss_mib"]
     assert peaks[4001] <= 1.05 * peaks[401], peaks
+
+
+def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
+    """An interrupted `bench_kvstore.py quality` run reuses its finished videos when started again,
+    and a completed run removes the journal (so new weights in the same folder are measured afresh)."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location("bench_kvstore_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def fake_child(model, frames, seed, overrides, score):
+        if len(calls) == 3 and not any(c == "resumed" for c in calls):
+            raise RuntimeError("interrupted")
+        calls.append((seed, tuple(overrides)))
+        return {"seed": seed, "kv_bytes_max": 1, "peak_rss_mib": 1.0, "seconds": 1.0,
+                **{m: 0.5 for m in bench.METRICS}}
+
+    published = []
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "publish", lambda args, section, lines, rows: published.append(rows))
+    args = argparse.Namespace(policies=["scored", "window"], positions=["reindexed"], captions=2, seed=10_000,
+                              set=[], jobs=1, frames=[9], model=None, json=str(tmp_path / "q.json"))
+    with pytest.raises(RuntimeError):
+        bench.quality(args)
+    journal = tmp_path / "q.json.partial.jsonl"
+    assert len(journal.read_text().splitlines()) == 3  # caption-major: both policies of caption 0, then one more
+    calls.append("resumed")
+    bench.quality(args)
+    assert len([c for c in calls if c != "resumed"]) == 4  # 3 before the interruption + the 1 missing video
+    assert len(published[-1]) == 4 and not journal.exists()
