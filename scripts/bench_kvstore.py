@@ -287,6 +287,21 @@ def quality(args) -> None:
             + f" | {np.mean([r['kv_bytes_max'] for r in rows]) / 2**20:.2f} | "
             f"{np.mean([r['peak_rss_mib'] for r in rows]):.0f} | {np.mean([r['seconds'] for r in rows]):.0f} |"
         )
+    if len(variants) > 1 and args.captions > 1:
+        lines += ["", f"Paired by caption against {variants[0][0]}/{variants[0][1]} (mean difference +- its standard "
+                  "error over captions; better / worse = captions where the first variant scores higher / lower):", "",
+                  "| comparison | adherence | persistence | captions better / worse (adherence) |",
+                  "| --- | ---: | ---: | --- |"]
+        by = {(v, r["seed"]): r for v, r in results}
+        seeds = sorted({r["seed"] for _, r in results})
+        for other in variants[1:]:
+            cells = []
+            for m in ("adherence", "persistence"):
+                d = np.array([by[(variants[0], s)][m] - by[(other, s)][m] for s in seeds])
+                cells.append(f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}")
+                if m == "adherence":
+                    tally = f"{int((d > 0).sum())} / {int((d < 0).sum())}"
+            lines.append(f"| {variants[0][0]} - {other[0]}/{other[1]} | {cells[0]} | {cells[1]} | {tally} |")
     lines += ["", "Per video (persistence, adherence):", ""]
     for variant, r in sorted(results, key=lambda vr: variants.index(vr[0])):
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "

@@ -235,16 +235,17 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     and a completed run removes the journal (so new weights in the same folder are measured afresh)."""
     import argparse
     import importlib.util
+    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
     spec = importlib.util.spec_from_file_location("bench_kvstore_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    calls = []
+    calls, interrupt_after = [], [3]
 
     def fake_child(model, frames, seed, overrides, score):
-        if len(calls) == 3 and not any(c == "resumed" for c in calls):
+        if len(calls) == interrupt_after[0]:
             raise RuntimeError("interrupted")
         calls.append((seed, tuple(overrides)))
         return {"seed": seed, "kv_bytes_max": 1, "peak_rss_mib": 1.0, "seconds": 1.0,
@@ -258,8 +259,11 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         bench.quality(args)
     journal = tmp_path / "q.json.partial.jsonl"
-    assert len(journal.read_text().splitlines()) == 3  # caption-major: both policies of caption 0, then one more
-    calls.append("resumed")
+    kept = [json.loads(line) for line in journal.read_text().splitlines()]
+    # caption-major: both policies of caption 0, then the first policy of caption 1
+    assert [(r["world_seed"], r["variant"][0]) for r in kept] == [(10_000, "scored"), (10_000, "window"),
+                                                                  (10_001, "scored")]
+    interrupt_after[0] = None
     bench.quality(args)
-    assert len([c for c in calls if c != "resumed"]) == 4  # 3 before the interruption + the 1 missing video
+    assert len(calls) == 4 and calls[-1][0] == 10_001  # 3 before the interruption + the 1 missing video
     assert len(published[-1]) == 4 and not journal.exists()
