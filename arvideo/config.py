@@ -72,6 +72,7 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attention: str = "auto"  # auto | sdpa | flash
+    decode_ahead: bool = True  # decode finished chunks on a background thread while generation goes on
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -23,6 +23,7 @@ from .caching import PolicyContext, make_policy_factory, preset_sampler
 from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .config import GenerateConfig
+from .decode_worker import Decoded, DecodeWorker
 from .errors import ConfigError, NonFiniteError
 from .kvstore import KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
@@ -75,6 +76,9 @@ class Resolved:
     fps: int
     block: int
     context_noise: float
+
+
+DECODE_QUEUE = 2  # finished chunks that may wait for the decoder before generation waits for it
 
 
 class Engine:
@@ -222,25 +226,48 @@ class Engine:
         bar = tqdm(total=r.cfg.frames, initial=emitted, unit="frame", disable=not progress, desc="frames")
         if resume is not None and resume.pending:
             inner = itertools.chain([list(resume.pending)], inner)
+        worker = DecodeWorker(self.decoder, background=r.cfg.decode_ahead, keep_state=on_state is not None) if decode else None
+        inner = iter(inner)
         try:
-            for finished in inner:
-                for n, (index, latents) in enumerate(finished):
-                    frames = None
-                    if decode:
-                        frames = self.decoder.decode(latents)[: max(0, r.cfg.frames - emitted)]
-                        bar.update(len(frames))
-                    start = emitted
-                    emitted += len(frames) if frames is not None else 0
-                    yield FrameChunk(index, start, frames, latents)
-                    # the caller asked for more, so it has written this chunk: a consistent point
-                    if on_state is not None and self._run is not None:
-                        run, pending = self._run, finished[n + 1 :]
-                        # bound now: the getter must describe this point even if called later
-                        on_state(lambda run=run, emitted=emitted, pending=pending: run.snapshot(
-                            fingerprint, emitted, self.model_calls, self.decoder.state() if decode else None, pending))
+            while True:
+                try:
+                    finished = next(inner)
+                except StopIteration:
+                    break
+                except Exception:
+                    # frames of chunks that finished before the failure still reach the caller
+                    while worker:
+                        emitted = yield from self._emit(worker.pop(), worker, r, emitted, bar, None, fingerprint)
+                    raise
+                if worker is None:
+                    for index, latents in finished:
+                        yield FrameChunk(index, emitted, None, latents)
+                    continue
+                for index, latents in finished:
+                    worker.submit(index, latents)
+                # bounded: when decoding falls behind, generation waits instead of queueing latents
+                while worker.ready() or len(worker) > DECODE_QUEUE:
+                    emitted = yield from self._emit(worker.pop(), worker, r, emitted, bar, on_state, fingerprint)
+            while worker:
+                emitted = yield from self._emit(worker.pop(), worker, r, emitted, bar, on_state, fingerprint)
         finally:
+            if worker is not None:
+                worker.close()
             bar.close()
             self._run = None
+
+    def _emit(self, done: Decoded, worker: DecodeWorker, r: Resolved, emitted: int, bar, on_state, fingerprint):
+        """Hands out one decoded chunk; returns the frames handed out so far."""
+        frames = done.frames[: max(0, r.cfg.frames - emitted)]
+        bar.update(len(frames))
+        yield FrameChunk(done.index, emitted, frames, done.latents)
+        emitted += len(frames)
+        # the caller asked for more, so it has written this chunk: a consistent point
+        if on_state is not None and self._run is not None:
+            run, pending, state = self._run, worker.pending(), done.decoder_state
+            # bound now: the getter must describe this point even if called later
+            on_state(lambda: run.snapshot(fingerprint, emitted, self.model_calls, state, pending))
+        return emitted
 
     # -- KV-cached chunk streaming --------------------------------------------------------------
     def _new_chunk(self, r: Resolved, index: int, start: int, end: int, sampler: Sampler, policy_factory) -> Chunk:

@@ -85,7 +85,7 @@ class RunState:
 def request_fingerprint(resolved: Any, model_path: Any) -> str:
     """Hash of everything that determines the frames (not the device or progress settings)."""
     cfg = asdict(resolved.cfg)
-    for key in ("device", "attention"):
+    for key in ("device", "attention", "decode_ahead"):
         cfg.pop(key, None)
     blob = json.dumps({"cfg": cfg, "model": str(model_path)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

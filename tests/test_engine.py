@@ -102,6 +102,66 @@ def test_nan_in_latents_names_chunk_and_step_and_keeps_earlier_frames(engine, mo
     assert len(got) >= 1  # chunks finished before the NaN were handed out
 
 
+def _slow_decoder(monkeypatch, seconds=0.05):
+    import time
+
+    from arvideo.vae import StreamingDecoder
+
+    original = StreamingDecoder.decode
+
+    def slow(self, latents):
+        time.sleep(seconds)
+        return original(self, latents)
+
+    monkeypatch.setattr(StreamingDecoder, "decode", slow)
+
+
+def test_decode_ahead_gives_the_synchronous_frames_in_the_same_chunks(engine):
+    over = ["schedule.ar_step=1", "kv.policy=window", "kv.budget_frames=4"]
+    ahead = list(engine.stream(build_config(prompt=CAPTION, frames=29, overrides=over)))
+    inline = list(engine.stream(build_config(prompt=CAPTION, frames=29, overrides=over + ["decode_ahead=false"])))
+    assert [(c.index, c.start, len(c.frames)) for c in ahead] == [(c.index, c.start, len(c.frames)) for c in inline]
+    assert np.array_equal(np.concatenate([c.frames for c in ahead]), np.concatenate([c.frames for c in inline]))
+
+
+def test_decode_queue_stays_bounded_when_decoding_is_slower_than_generation(engine, monkeypatch):
+    from arvideo import decode_worker
+    from arvideo.engine import DECODE_QUEUE
+
+    _slow_decoder(monkeypatch)
+    depth = []
+    original = decode_worker.DecodeWorker.submit
+
+    def submit(self, index, latents):
+        original(self, index, latents)
+        depth.append(len(self))
+
+    monkeypatch.setattr(decode_worker.DecodeWorker, "submit", submit)
+    frames = engine.generate(build_config(prompt=CAPTION, frames=41, overrides=["schedule.ar_step=1"]))
+    assert len(frames) == 41
+    assert len(depth) == 11 and max(depth) == DECODE_QUEUE + 1  # it did fall behind, and no further
+
+
+@pytest.mark.parametrize("ahead", ["true", "false"])
+def test_chunks_decoding_when_generation_fails_are_still_handed_out(engine, monkeypatch, ahead):
+    _slow_decoder(monkeypatch)
+    calls = {"n": 0}
+    original = engine.backbone.__class__.__call__
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 7 else out
+
+    monkeypatch.setattr(engine.backbone.__class__, "__call__", poisoned)
+    got = []
+    with pytest.raises(NonFiniteError):
+        for c in engine.stream(build_config(prompt=CAPTION, frames=41, overrides=["schedule.ar_step=1", f"decode_ahead={ahead}"])):
+            got.append(c)
+    # staggered by one step: chunk n finishes on call n + 3, so chunks 0-3 were done before the NaN of call 7
+    assert [c.index for c in got] == [0, 1, 2, 3]
+
+
 def test_bad_input_errors_say_what_to_change(engine, tmp_path):
     with pytest.raises(ConfigError, match="frames must be >= 1"):
         engine.resolve(build_config(prompt=CAPTION, frames=0))

@@ -40,6 +40,36 @@ def test_resume_from_snapshot_reproduces_uninterrupted_frames(folder, tmp_path, 
     assert np.array_equal(video, reference)
 
 
+def test_resume_while_chunks_wait_for_the_decoder(folder, tmp_path, monkeypatch):
+    """Decode ahead with a decoder slower than generation: snapshots carry the queued chunks as latents."""
+    import time
+
+    from arvideo.vae import StreamingDecoder
+
+    cfg = build_config(prompt=CAPTION, frames=33, seed=2, overrides=["schedule.ar_step=1"])
+    reference = Engine(load_model(folder)).generate(cfg)
+    original = StreamingDecoder.decode
+
+    def slow(self, latents):
+        time.sleep(0.05)
+        return original(self, latents)
+
+    monkeypatch.setattr(StreamingDecoder, "decode", slow)
+    engine = Engine(load_model(folder))
+    states, frames = [], []
+    for chunk in engine.stream(cfg, on_state=lambda get: states.append(get())):
+        frames.append(chunk.frames)
+        if len(frames) == 5:
+            break
+    assert states[-1].pending  # finished chunks were still waiting for the decoder
+    path = tmp_path / "run.state"
+    states[-1].save(path)
+    written = np.concatenate(frames)[: states[-1].emitted_frames]
+    monkeypatch.setattr(StreamingDecoder, "decode", original)
+    rest = [c.frames for c in Engine(load_model(folder)).stream(cfg, resume=RunState.load(path))]
+    assert np.array_equal(np.concatenate([written] + rest), reference)
+
+
 def _first_snapshot(engine, cfg):
     """Streams until the engine offers its first snapshot (after one chunk was consumed)."""
     states = []
