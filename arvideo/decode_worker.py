@@ -11,6 +11,9 @@ same `StreamingDecoder`, so the frames equal the synchronous path's (tests/test_
 resumable runs the decoder's state is captured right after each chunk's decode, so a snapshot
 taken when chunk n has been handed out pairs "frames up to chunk n" with the decoder state at
 that point, and every finished chunk not yet handed out travels in the snapshot as latents.
+That capture is one copy of the decoder's causal cache per chunk whenever the caller asks for
+snapshots (1.2 MB on the shipped model; `arvideo generate` saves its state after every chunk by
+default, which needed that copy anyway); with `--state-every` > 0 some of those copies go unused.
 
 `DecodeWorker(decoder, background=False)` decodes in the caller's thread at submit time: the
 synchronous reference path.
