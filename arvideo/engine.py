@@ -239,9 +239,13 @@ class Engine:
                     while worker:
                         emitted = yield from self._emit(worker.pop(), worker, r, emitted, bar, None, fingerprint)
                     raise
-                if worker is None:
-                    for index, latents in finished:
+                if worker is None:  # latents only: nothing to decode, no frames handed out
+                    for n, (index, latents) in enumerate(finished):
                         yield FrameChunk(index, emitted, None, latents)
+                        if on_state is not None and self._run is not None:
+                            run, pending = self._run, finished[n + 1 :]
+                            on_state(lambda run=run, pending=pending, emitted=emitted: run.snapshot(
+                                fingerprint, emitted, self.model_calls, None, pending))
                     continue
                 for index, latents in finished:
                     worker.submit(index, latents)
