@@ -24,6 +24,7 @@ class Chunk:
     step: int = 0
     velocity: torch.Tensor | None = field(default=None, repr=False)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)  # last computed step's K/V
+    guidance: Any = None  # its GuidanceReuse (caching/guidance.py): whether its next call needs the CFG pass
 
     @property
     def num_frames(self) -> int:

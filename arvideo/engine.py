@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import CallPlan, WanFamilyBackbone
-from .caching import PolicyContext, make_policy_factory, preset_sampler
+from .caching import GuidanceReuse, PolicyContext, make_policy_factory, preset_sampler
 from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .config import GenerateConfig
@@ -279,7 +279,9 @@ class Engine:
         noise = torch.randn(shape, generator=chunk_generator(r.cfg.seed, index), dtype=torch.float32)
         probe = self._run.probe
         ctx = PolicyContext(index, r.steps, sampler.sigmas, sampler.timesteps, probe.features, probe.modulation)
-        return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory(ctx))
+        every, warmup = getattr(policy_factory, "guidance", (1, 1))
+        return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory(ctx),
+                     guidance=GuidanceReuse(every, warmup))
 
     def chunk_noise(self, cfg: GenerateConfig) -> torch.Tensor:
         """The initial noise of a whole KV-mode request, [1, C, F, h, w] (for tests and comparisons)."""
@@ -338,6 +340,12 @@ class Engine:
         if resume is not None:
             run = resume.run
             run.store.to(self.backbone.device)
+            for c in run.chunks.values():
+                c.latents = c.latents.to(self.backbone.device)
+                c.kv = [(k.to(c.latents.device), v.to(c.latents.device)) for k, v in c.kv] if c.kv else None
+                # a state saved before guidance reuse existed holds none: plain CFG state for it
+                c.guidance = (c.guidance or GuidanceReuse(*getattr(policy_factory, "guidance", (1, 1)))).to(
+                    c.latents.device)
             run.probe.backbone = self.backbone
         else:
             run = Run(chunks={}, store=self._make_store(r, sched, batch), next_tick=0,
@@ -381,17 +389,32 @@ class Engine:
                 # DeepCache-style policies run some members through the first/last blocks only
                 deep = {j: c.policy.deep_plan(c.step) for j, c in enumerate(members)
                         if keep_kv and j >= len(commits) and j not in context and hasattr(c.policy, "deep_plan")}
-                v = self.backbone(x.expand(batch, -1, -1, -1, -1), t.expand(batch, -1), text, plan, store, fps=r.fps,
+                # guidance reuse: the call runs the conditional pass alone when no computed chunk needs
+                # the unconditional one (and nothing is committed: committed K/V need both passes)
+                reuse_guidance = batch > 1 and any(c.guidance.active for c in computed)
+                cond_only = (reuse_guidance and not commits and not deep and clean_commit
+                             and not any(c.guidance.needs_uncond() for c in computed))
+                b = 1 if cond_only else batch
+                v = self.backbone(x.expand(b, -1, -1, -1, -1), t.expand(b, -1), text[:b], plan, store, fps=r.fps,
                                   **({"deep": deep} if deep else {}))
                 self.model_calls += 1
-                if batch > 1:
+                if batch > 1 and not reuse_guidance:
                     v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
                 offset = 0
-                for c in computed:
-                    c.velocity = v[:, :, offset : offset + c.num_frames]
+                for j, c in enumerate(computed):
+                    part = v[:, :, offset : offset + c.num_frames]
+                    if j < len(commits) or not reuse_guidance:  # a commit's velocity is not used
+                        c.velocity = part
+                    elif cond_only:
+                        c.velocity = c.guidance.reuse(part, r.guidance)
+                    else:
+                        c.velocity = c.guidance.full(part[0:1], part[1:2], r.guidance)
                     offset += c.num_frames
                 if keep_kv:
                     for j, kept in self.backbone.kept_kv.items():
+                        if cond_only:  # conditional K/V are new; the unconditional pass keeps its last ones
+                            kept = [(torch.cat([k, ok[1:]]), torch.cat([v_, ov[1:]]))
+                                    for (k, v_), (ok, ov) in zip(kept, members[j].kv)]
                         members[j].kv = kept
                     for j, residual in (self.backbone.deep_residuals.items() if deep else ()):
                         members[j].policy.deep_observe(residual, members[j].kv)

@@ -162,11 +162,15 @@ class KVStore:
         self.scratch = tokens
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> None:
-        """Writes keys/values [B, H, n, d] into the scratch region of `layer`, `offset` tokens in."""
+        """Writes keys/values [B, H, n, d] into the scratch region of `layer`, `offset` tokens in.
+
+        B may be smaller than the store's batch (a conditional-only call under guidance reuse):
+        the first B passes are written, the others' scratch is left as it was.
+        """
         start = self.committed + offset
         end = start + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
+        self.keys[layer][: k.shape[0], :, start:end] = k
+        self.values[layer][: v.shape[0], :, start:end] = v
 
     def observe_queries(self, layer: int, queries: torch.Tensor, commit_tokens: int = 0) -> None:
         """Sees the queries [B, H, n, d] of the call's computed chunks, after its keys are written.
@@ -189,10 +193,10 @@ class KVStore:
         imp = eviction.attention_importance(q, self.keys[layer][0, :, :end])
         self.importance = self.importance[:layer] + [imp] + self.importance[layer + 1 :]
 
-    def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of all committed tokens plus the first `upto` scratch tokens of this call."""
+    def view(self, layer: int, upto: int, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of all committed tokens plus the first `upto` scratch tokens of this call (first `batch` passes)."""
         end = self.committed + upto
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:batch, :, :end], self.values[layer][:batch, :, :end]
 
     def commit(self, chunks: list[tuple[int, int]]) -> None:
         """Keeps the call's leading scratch tokens: `chunks` = [(chunk index, tokens), ...]."""

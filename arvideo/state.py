@@ -38,6 +38,7 @@ class Run:
             chunks[i] = copy.deepcopy(Chunk(
                 c.index, c.frame_start, c.frame_end, c.latents.cpu(), c.sampler_state, c.policy, c.step, None,
                 [(k.cpu(), v.cpu()) for k, v in c.kv] if c.kv else None,
+                c.guidance.to("cpu") if c.guidance is not None else None,
             ))
         return RunState(fingerprint, emitted_frames, model_calls, decoder,
                         Run(chunks, store, self.next_tick, self.probe), [(i, x.cpu().clone()) for i, x in pending])

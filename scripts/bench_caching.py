@@ -79,7 +79,8 @@ SWEEPS = {
 class Counter:
     """Wraps the engine's backbone: counts calls and computed latent frames (tokens = frames x per-frame).
 
-    A DeepCache-shallow member counts only the fraction of blocks it ran.
+    A DeepCache-shallow member counts only the fraction of blocks it ran; frames count once per
+    pass of the call's batch (2 with CFG, 1 in a conditional-only call under guidance reuse).
     """
 
     def __init__(self, backbone) -> None:
@@ -97,7 +98,7 @@ class Counter:
             deep = kwargs["deep"]
             skipped = max(0, n - min(d.last for d in deep.values()) - min(d.first for d in deep.values()))
             frames -= skipped / n * sum(plan.sizes[j] for j in shallow)
-        self.frames += frames
+        self.frames += frames * x.shape[0]
         return self.inner(x, t, text, plan, store, **kwargs)
 
 

@@ -103,6 +103,9 @@ def test_shortest_path_dp_finds_the_brute_force_optimum(gamma):
     (f"meancache:budget={STEPS}", 1), ("teacache:tau=0", 1), ("fora:interval=1", 1), ("deepcache:interval=1", 1),
     ("flowcache:tau=0,reuse=residual", 1),
     ("flowcache:tau=0,reuse=mean,k=3", 0), ("teacache:tau=0", 0), ("deepcache:interval=1", 0),
+    # guidance reuse that never skips the unconditional pass: plain CFG, through GuidanceReuse.full
+    ("none:guidance_every=1", 1), (f"none:guidance_every=2,guidance_warmup={STEPS}", 1),
+    (f"meancache:budget={STEPS},guidance_every=3,guidance_warmup={STEPS}", 0),
 ])
 def test_policy_at_zero_threshold_or_full_budget_reproduces_none_bit_exactly(engine, references, preset, ar_step):
     if ar_step not in references:
@@ -314,3 +317,71 @@ def test_deepcache_shallow_steps_run_and_stay_close_to_full_compute(engine, refe
         assert 0 < np.abs(out.astype(float) - ref).mean() < 20  # uint8 frames, random tiny model
     assert DeepCache(PolicyContext(0, STEPS, torch.linspace(1, 0, STEPS + 1), torch.zeros(STEPS), None, None),
                      interval=2).full == {0, 1, 3, 5}
+
+
+# -- guidance reuse (caching/guidance.py) -----------------------------------------------------------
+class _Batches:
+    """Wraps the backbone: records each call's batch and checks a conditional-only call against the
+    conditional half of the same call run with both passes, on a copy of the store."""
+
+    def __init__(self, backbone):
+        self.inner, self.batches, self.commits, self.max_err = backbone, [], [], 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, t, text, plan, store, fps=None):
+        import copy
+
+        self.batches.append(x.shape[0])
+        self.commits.append(plan.commit)
+        if x.shape[0] == 1:
+            both = copy.deepcopy(store)
+            full_text = self.full_text
+            v2 = self.inner(x.expand(2, -1, -1, -1, -1), t.expand(2, -1), full_text, plan, both, fps=fps)
+            kept2 = self.inner.kept_kv
+        v = self.inner(x, t, text, plan, store, fps=fps)
+        if x.shape[0] == 1:
+            self.max_err = max(self.max_err, (v - v2[0:1]).abs().max().item())
+            for j, layers in self.inner.kept_kv.items():  # the conditional K/V kept are the same too
+                for (k1, v1), (k2, v2_) in zip(layers, kept2[j]):
+                    self.max_err = max(self.max_err, (k1 - k2[0:1]).abs().max().item(),
+                                       (v1 - v2_[0:1]).abs().max().item())
+        else:
+            self.full_text = text
+        return v
+
+
+@pytest.mark.parametrize("preset", ["none:guidance_every=2", f"meancache:budget={STEPS - 2},guidance_every=2"])
+def test_guidance_reuse_runs_conditional_only_calls_that_equal_the_conditional_pass(engine, monkeypatch, preset):
+    # sync windows of 2 chunks (the embedded model's schedule): commits open every window
+    over = dict(frames=49, schedule__ar_step=0, schedule__window_blocks=2)
+    ref = engine.generate(_cfg("none", **over))
+    spy = _Batches(engine.backbone)
+    monkeypatch.setattr(engine, "backbone", spy)
+    out = engine.generate(_cfg(preset, **over))
+    assert spy.batches.count(1) >= len(spy.batches) // 4  # a real share of the calls skipped the CFG pass
+    assert any(spy.commits) and all(b == 2 for b, c in zip(spy.batches, spy.commits) if c)  # commits: both passes
+    # a conditional-only call is the conditional half of the full call: same K/V read, same numbers
+    # up to the summation order of a batch of 1 against 2 (float32, 1e-5)
+    assert spy.max_err < 1e-5
+    assert 0 < np.abs(out.astype(float) - ref).mean() < 20  # an approximation, not a different video
+
+
+def test_guidance_reuse_decides_per_chunk_and_rejects_bad_settings():
+    from arvideo.caching import GuidanceReuse
+
+    g = GuidanceReuse(every=2, warmup=2)
+    v_c, v_u = torch.ones(2), torch.zeros(2)
+    pattern = []
+    for _ in range(7):
+        need = g.needs_uncond()
+        pattern.append(need)
+        out = g.full(v_c, v_u, 4.0) if need else g.reuse(3 * v_c, 4.0)
+        assert torch.equal(out, 4 * v_c if need else 3 * v_c + 3 * (v_c - v_u))
+    assert pattern == [True, True, False, True, False, True, False]
+    with pytest.raises(ConfigError, match="guidance_every=0: must be an integer >= 1"):
+        make_policy_factory("fast:guidance_every=0", STEPS)
+    with pytest.raises(ConfigError, match="guidance_warmup"):
+        make_policy_factory("none:guidance_warmup=0", STEPS)
+    assert make_policy_factory("fast:guidance_every=3", STEPS).guidance == (3, 1)

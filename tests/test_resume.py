@@ -18,7 +18,9 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("overrides", [["schedule.ar_step=1"], ["schedule.ar_step=1", "kv.policy=window", "kv.budget_frames=4"],
-                                       ["schedule.name=pipelined", "schedule.window_size=3", "sampler.steps=3"]])
+                                       ["schedule.name=pipelined", "schedule.window_size=3", "sampler.steps=3"],
+                                       # guidance reuse: each chunk's cached CFG direction is part of the state
+                                       ["schedule.window_blocks=2", "cache.preset=meancache:budget=4,guidance_every=2"]])
 def test_resume_from_snapshot_reproduces_uninterrupted_frames(folder, tmp_path, overrides):
     cfg = build_config(prompt=CAPTION, frames=25, seed=4, overrides=overrides)
     reference = Engine(load_model(folder)).generate(cfg)

@@ -245,7 +245,7 @@ class WanFamilyBackbone:
             store.observe_queries(layer, q, bounds[plan.commit])
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
-                ks, vs = store.view(layer, e)
+                ks, vs = store.view(layer, e, q.shape[0])
                 outs.append(attention(q[:, :, s:e], ks, vs, self.attention_backend))
         else:
             hidden = 0  # token offset of the next computed member within q/k/v
@@ -253,7 +253,7 @@ class WanFamilyBackbone:
             for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
                 if j in plan.context:
                     ck, cv = plan.context[j][layer]
-                    store.write(layer, ck, cv, offset=s)
+                    store.write(layer, ck[: q.shape[0]], cv[: q.shape[0]], offset=s)
                 else:
                     store.write(layer, k[:, :, hidden : hidden + e - s], v[:, :, hidden : hidden + e - s], offset=s)
                     spans.append((hidden, hidden + e - s, e))
@@ -261,7 +261,7 @@ class WanFamilyBackbone:
             store.observe_queries(layer, q, bounds[plan.commit])
             outs = []
             for hs, he, e in spans:
-                ks, vs = store.view(layer, e)
+                ks, vs = store.view(layer, e, q.shape[0])
                 outs.append(attention(q[:, :, hs:he], ks, vs, self.attention_backend))
         if self.kept_kv:
             hidden = 0

@@ -23,6 +23,7 @@ from .calibration import costs_from_entry, find_entry
 from .common import IDENTITY_POLY
 from .deepcache import DeepCache
 from .flowcache import FlowCache, ResidualFlowCache
+from .guidance import GuidanceReuse
 from .meancache import MeanCache, uniform_schedule
 from .none import NoCache
 from .schedule import displacement_costs, shortest_path_schedule
@@ -36,6 +37,7 @@ class _Factory:
     def __init__(self, make: Callable[[PolicyContext, dict | None], CachePolicy], may_skip: bool,
                  model_dir: Path | None, calibrated: bool = False) -> None:
         self.make, self.may_skip, self.model_dir = make, may_skip, model_dir
+        self.guidance = (1, 1)  # (guidance_every, guidance_warmup): see caching/guidance.py
         self._entry: dict | None = None
         self._looked_up = not calibrated
 
@@ -188,19 +190,24 @@ def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path
         raise ConfigError(f"cache preset must be a name or a PolicyFactory, got {type(preset).__name__}")
     name, params = parse_preset(preset)
     params.pop("sampler", None)  # for the engine (preset_sampler), not the policy
+    # guidance reuse works with every policy: the engine gives each chunk a GuidanceReuse
+    guidance = (params.pop("guidance_every", 1), params.pop("guidance_warmup", 1))
+    GuidanceReuse(*guidance)  # validates
     builder = POLICIES[name]
     valid = [p for p in inspect.signature(builder).parameters if p not in ("steps", "model_dir")]
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(f"cache policy {name!r} has no parameter {', '.join(unknown)}; "
-                          f"valid: {', '.join(valid) or '(none)'}")
+                          f"valid: {', '.join(valid + ['guidance_every', 'guidance_warmup'])}")
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"cache parameter {key}={value} must be finite")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"cache parameter {key}={value!r}: choose one of {', '.join(CHOICES[key])}")
-    return builder(steps, model_dir, **params)
+    factory = builder(steps, model_dir, **params)
+    factory.guidance = guidance
+    return factory
 
 
-__all__ = ["CachePolicy", "NoCache", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
+__all__ = ["CachePolicy", "GuidanceReuse", "NoCache", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
            "make_policy_factory", "parse_preset", "preset_sampler"]
