@@ -219,6 +219,33 @@ def test_teacache_makes_one_decision_per_tick_for_all_chunks(engine, monkeypatch
     assert {d for _, forced, d in decisions if not forced} == {True, False}
 
 
+def test_teacache_decides_the_same_in_every_window_of_a_sync_schedule():
+    # Sync diffusion forcing: chunk 0 runs steps 0..N-1, then chunk 2 starts again at step 0. The
+    # change between the last window's clean step and the new window's noisy one is far outside
+    # the polynomial's fitted range; this one (the shape of the embedded model's: negative at both
+    # ends) once sent the accumulator to -40,000 there and no later tick computed again.
+    from arvideo.caching.baselines import TeaCache, TickDecision
+
+    n = 20
+    sig = torch.linspace(1, 0, n + 1)
+    poly = (-16289.6, 5955.58, -729.97, 35.752, -0.542)
+
+    def ctx(chunk):  # modulation: a smooth function of the timestep, one feature per sample
+        return PolicyContext(chunk, n, sig, sig[:-1] * 1000, None, lambda t: torch.stack([1 + t / 1000, 2 - t / 900]))
+
+    shared = TickDecision(0.2, poly)
+    windows = []
+    for chunk in (0, 2, 4):
+        policy, out = TeaCache(ctx(chunk), shared, warmup=1), [True]
+        policy.shared.stepped()  # the engine computes a chunk's first step without asking its policy
+        for step in range(1, n):
+            out.append(policy.should_compute(step, None))
+            policy.shared.stepped()
+        windows.append(out)
+    assert windows[0] == windows[1] == windows[2]
+    assert 2 < sum(windows[0]) < n  # it skips some steps and computes more than the forced ones
+
+
 # -- calibration and presets --------------------------------------------------------------------
 def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, folder, monkeypatch):
     from arvideo.caching.calibration import FILENAME, save_entry

@@ -11,30 +11,41 @@ class TickDecision:
     """TeaCache's single decision, shared by every chunk in flight.
 
     The first chunk asked in a tick (the oldest non-forced one; the engine asks in causal order)
-    decides for all: the relative change of its timestep modulation since the previous tick,
-    rescaled by the model's polynomial, is accumulated against tau. A tick starts at the first
+    decides for all: the relative change of its timestep modulation from its previous step to this
+    one, rescaled by the model's polynomial, is accumulated against tau. A tick starts at the first
     question after any chunk has stepped.
+
+    The change is the deciding chunk's own step-to-step change (as in TeaCache, whose one video is
+    one trajectory), not the change since the previous tick: when a window of chunks finishes and
+    a fresh one starts at high noise, the previous tick's modulation belongs to a clean step, and
+    that jump lies far outside the range the polynomial was fitted on (on the embedded model it
+    evaluated to -40,000 and stopped every later computation). A rescaled change is a magnitude,
+    so a polynomial dipping below zero near x = 0 counts as zero.
     """
 
     def __init__(self, tau: float, poly=IDENTITY_POLY) -> None:
         self.tau, self.poly = float(tau), tuple(poly)
         self.accumulated = 0.0
-        self.previous: torch.Tensor | None = None
         self.compute = True
         self.new_tick = True
+        self._modulation: dict[int, torch.Tensor] = {}  # step -> modulation (one step grid per run)
+
+    def _mod(self, ctx: PolicyContext, step: int) -> torch.Tensor:
+        if step not in self._modulation:
+            self._modulation[step] = ctx.modulation(ctx.timesteps[step])
+        return self._modulation[step]
 
     def decide(self, ctx: PolicyContext, step: int, forced: bool) -> bool:
         if self.new_tick:
             self.new_tick = False
-            modulation = ctx.modulation(ctx.timesteps[step])
-            if forced or self.previous is None:
+            if forced or step == 0:
                 self.compute = True
             else:
-                self.accumulated += polyval(self.poly, relative_l1(modulation, self.previous))
+                change = relative_l1(self._mod(ctx, step), self._mod(ctx, step - 1))
+                self.accumulated += max(0.0, polyval(self.poly, change))
                 self.compute = self.accumulated >= self.tau
             if self.compute:
                 self.accumulated = 0.0
-            self.previous = modulation
         return self.compute
 
     def stepped(self) -> None:

@@ -52,7 +52,8 @@ class ChangeIndicator:
             self.change = 0.0
         else:
             r = relative_l1(feature, self.previous)
-            self.change = polyval(self.poly, r) if self.kind == "modulation" else r
+            # a rescaled change is a magnitude: a fitted polynomial dipping below 0 near r = 0 counts as 0
+            self.change = max(0.0, polyval(self.poly, r)) if self.kind == "modulation" else r
         self.step, self.previous = step, feature
         return self.change
 
