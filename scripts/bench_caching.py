@@ -318,7 +318,10 @@ def merge(args, argv) -> int:
         data = json.loads(Path(path).read_text())
         if isinstance(data, list):  # rows written while the run was still going
             data = {"rows": data, "meta": None}
-        rows += data["rows"]
+        # tokens in units of the same file's `none` run of the caption: files written before tokens
+        # counted CFG passes (x2) merge with later ones (`none` tokens are equal across captions)
+        ref = {r["seed"]: r["tokens"] for r in data["rows"] if r["family"] == "none"}
+        rows += [dict(r, tokens=r["tokens"] / ref[r["seed"]]) if r["seed"] in ref else r for r in data["rows"]]
         metas.append(data["meta"])
     # an interrupted run: keep only the captions every configuration finished
     configs = {(r["family"], r["label"]) for r in rows}
@@ -382,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.extra or []:
         preset, _, at = item.partition("@")
         name = preset.partition(":")[0]
-        family = "fewer-steps" if name == "none" else "presets" if name in ("fast", "quality") else name
+        family = ("guidance" if "guidance_every" in preset else "fewer-steps" if name == "none"
+                  else "presets" if name in ("fast", "quality") else name)
         configs.append((family, item, preset, int(at) if at else steps))
     captions = heldout_captions(args.captions, args.seed_offset)
     # warm-up (lazy imports, allocator, kernels) so the first timed run is not charged for it
