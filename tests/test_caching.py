@@ -72,10 +72,12 @@ def test_jvp_of_order_one_under_euler_is_zero_so_meancache_reuses_the_velocity()
 
 
 # -- peak-suppressed shortest path --------------------------------------------------------------
-def _brute_force(costs, n, budget, gamma):
+def _brute_force(costs, n, budget, gamma, force=()):
     best = math.inf
     for m in range(0, budget):
         for inner in itertools.combinations(range(1, n), m):
+            if not set(force) <= set(inner):
+                continue
             nodes = (0, *inner, n)
             total = sum(min(costs[k][t][s] ** gamma for k in costs) for t, s in zip(nodes[:-1], nodes[1:]))
             best = min(best, total)
@@ -95,6 +97,12 @@ def test_shortest_path_dp_finds_the_brute_force_optimum(gamma):
         assert sched.compute[0] == 0 and len(sched.compute) <= budget
         assert recomputed == pytest.approx(sched.cost, rel=1e-12)
         assert sched.cost == pytest.approx(_brute_force(costs, n, budget, gamma), rel=1e-12)
+    # forced steps (MeanCache's warmup / last): the best path among those through them
+    for force in [(1,), (1, n - 1), (2, 5)]:
+        for budget in range(len(force) + 1, n + 1):
+            sched = shortest_path_schedule(costs, budget, gamma, force)
+            assert set(force) <= set(sched.compute) and len(sched.compute) <= budget
+            assert sched.cost == pytest.approx(_brute_force(costs, n, budget, gamma, force), rel=1e-12)
 
 
 # -- exactness through the engine ---------------------------------------------------------------
@@ -291,6 +299,13 @@ def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
         make_policy_factory("fora:3", STEPS)
     with pytest.raises(ConfigError, match="choose one of patch, modulation"):
         make_policy_factory("flowcache:indicator=pixels", STEPS)
+    # MeanCache's forced steps hold without a calibration too (the even-spread fallback)
+    sig = torch.linspace(1, 0, STEPS + 1)
+    policy = make_policy_factory("meancache:budget=3,warmup=2,last=true", STEPS)(
+        PolicyContext(0, STEPS, sig, sig[:-1] * 1000, None, None))
+    assert set(policy.schedule) == {0, 1, STEPS - 1}
+    with pytest.raises(ConfigError, match="warmup >= 1"):
+        make_policy_factory("meancache:warmup=0", STEPS)
 
 
 def test_a_preset_names_its_sampler_unless_the_user_chose_one(engine):

@@ -82,29 +82,44 @@ def build_combination(steps: int, model_dir, tau: float = 0.05, warmup: int = 3,
 
 
 def _schedule(ctx: PolicyContext, entry: dict | None, budget: int, gamma: float, k: int,
-              cost: str = "displacement") -> dict[int, int]:
-    """MeanCache's compute steps {step: K}: the calibrated shortest path, else an even spread."""
+              cost: str = "displacement", force: tuple[int, ...] = ()) -> dict[int, int]:
+    """MeanCache's compute steps {step: K}: the calibrated shortest path, else an even spread.
+
+    force: steps the schedule must compute (the shortest path runs through them)."""
     if budget >= ctx.steps:  # nothing to skip: full compute, whatever the costs say
         return {s: k for s in range(ctx.steps)}
     if entry is not None and entry.get("costs"):
         costs = costs_from_entry(entry)
         if cost == "displacement":
             costs = displacement_costs(costs, entry["sigmas"])
-        return shortest_path_schedule(costs, budget, gamma).as_dict()
+        return shortest_path_schedule(costs, budget, gamma, force).as_dict()
+    if force:
+        rest = uniform_schedule(ctx.steps, max(1, budget - len(set(force) - {0})), k)
+        return {**rest, **{f: rest.get(f, k) for f in force}}
     return uniform_schedule(ctx.steps, budget, k)
 
 
+def _forced_steps(steps: int, warmup: int, last: bool) -> tuple[int, ...]:
+    """A skipping policy's usual forced computes: its first `warmup` steps and, with `last`, its last."""
+    if int(warmup) < 1:
+        raise ConfigError(f"warmup={warmup}: the first step always computes, use warmup >= 1")
+    return tuple(range(min(int(warmup), steps))) + ((steps - 1,) if last else ())
+
+
 def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: float = 2.0, k: int = 2,
-                    cost: str = "displacement"):
+                    cost: str = "displacement", warmup: int = 1, last: bool = False):
     """MeanCache on the peak-suppressed shortest-path schedule for `budget` model calls per chunk.
 
     Calibrated edge costs come from the model's calibration file; without one the budget is
-    spread evenly with JVP order k.
+    spread evenly with JVP order k. warmup / last: steps the path must compute, as every other
+    skipping policy does (its first `warmup` steps; its last step with `last=true`); the budget
+    includes them.
     """
     budget = steps if budget is None else int(budget)
+    force = _forced_steps(steps, warmup, last)
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
-        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost))
+        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force))
 
     return _Factory(make, True, model_dir, calibrated=True)
 

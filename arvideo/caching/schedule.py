@@ -48,15 +48,23 @@ def edge_weights(costs: dict[int, list[list[float]]], gamma: float) -> tuple[lis
     return w, best
 
 
-def shortest_path_schedule(costs: dict[int, list[list[float]]], budget: int, gamma: float = 2.0) -> Schedule:
+def shortest_path_schedule(costs: dict[int, list[list[float]]], budget: int, gamma: float = 2.0,
+                           force: tuple[int, ...] = ()) -> Schedule:
     """The 0 -> N path with at most `budget` edges minimising sum C_K(t, s)^gamma.
 
     costs[K][t][s]: error of computing at t and extrapolating with K through s - 1, for
     0 <= t < s <= N (a [N+1, N+1] table per K; other entries ignored).
+    force: steps that must compute (nodes on the path): no edge may jump over one. With more
+    forced steps than the budget allows, the shortest path through all of them is returned.
     """
     w, best = edge_weights(costs, gamma)
     n = len(w) - 1
-    budget = max(1, min(int(budget), n))
+    forced = sorted({int(f) for f in force if 0 < int(f) < n})
+    for t in range(n):
+        for s in range(t + 2, n + 1):
+            if any(t < f < s for f in forced):
+                w[t][s] = math.inf
+    budget = max(1, min(max(int(budget), len(forced) + 1), n))
     inf = math.inf
     d = [0.0] + [inf] * n  # D_0: only node 0 is reachable with no edge
     parents: list[list[int]] = []
