@@ -71,6 +71,23 @@ def test_jvp_of_order_one_under_euler_is_zero_so_meancache_reuses_the_velocity()
     assert torch.allclose(policy.reuse(2, z2), v1, atol=1e-5)
 
 
+def test_slope_estimator_gives_the_exact_step_average_of_a_velocity_linear_in_sigma():
+    # v(sigma) = a + b sigma: a skipped Euler step [sigma_i, sigma_i+1] must take the line's average
+    # there, a + b (sigma_i + sigma_i+1) / 2, from the two model velocities of steps 0 and 2 alone
+    sig = torch.linspace(1, 0, 9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    ctx = PolicyContext(0, 8, sig, sig[:-1] * 1000, lambda x: x, lambda t: t)
+    policy = MeanCache(ctx, {0: 1, 2: 1}, estimator="slope")
+    z = torch.zeros(4, dtype=torch.float64)
+    policy.observe(0, z, a + b * sig[0])
+    assert torch.equal(policy.reuse(1, z), (a + b * sig[0]).float())  # one model velocity: plain reuse
+    policy.observe(2, z, a + b * sig[2])
+    for i in range(3, 8):
+        exact = a + b * (sig[i] + sig[i + 1]) / 2
+        assert torch.allclose(policy.reuse(i, z).double(), exact, rtol=0, atol=1e-6)  # float32 history
+
+
 # -- peak-suppressed shortest path --------------------------------------------------------------
 def _brute_force(costs, n, budget, gamma, force=()):
     best = math.inf

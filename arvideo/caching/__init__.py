@@ -107,19 +107,19 @@ def _forced_steps(steps: int, warmup: int, last: bool) -> tuple[int, ...]:
 
 
 def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: float = 2.0, k: int = 2,
-                    cost: str = "displacement", warmup: int = 1, last: bool = False):
+                    cost: str = "displacement", warmup: int = 1, last: bool = False, estimator: str = "secant"):
     """MeanCache on the peak-suppressed shortest-path schedule for `budget` model calls per chunk.
 
     Calibrated edge costs come from the model's calibration file; without one the budget is
     spread evenly with JVP order k. warmup / last: steps the path must compute, as every other
     skipping policy does (its first `warmup` steps; its last step with `last=true`); the budget
-    includes them.
+    includes them. estimator: `secant` (methods.md) or `slope` (caching/meancache.py).
     """
     budget = steps if budget is None else int(budget)
     force = _forced_steps(steps, warmup, last)
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
-        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force))
+        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), estimator)
 
     return _Factory(make, True, model_dir, calibrated=True)
 
@@ -153,7 +153,8 @@ POLICIES: dict[str, Callable[..., PolicyFactory]] = {
 }
 PRESETS = POLICIES  # the built-in names; YAML presets in configs/cache/ are found by name too
 CHOICES = {"indicator": ("patch", "modulation"), "reuse": ("velocity", "mean", "residual"),
-           "schedule": ("uniform", "nonuniform"), "cost": ("displacement", "velocity")}
+           "schedule": ("uniform", "nonuniform"), "cost": ("displacement", "velocity"),
+           "estimator": ("secant", "slope")}
 
 
 def _parse_value(text: str) -> Any:

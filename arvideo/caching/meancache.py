@@ -11,6 +11,16 @@ schedule's edges). K = 1 gives J = 0 under Euler: plain velocity reuse. History 
 
 The math is Euler's (x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v). Under UniPC the estimate is
 handed to the sampler as if it were the model's output; see docs/caching.md for what that costs.
+
+`estimator="slope"` (not methods.md's; an option): at run time the history between two computed
+steps holds the estimates themselves, so the secant over it returns the slope already in use,
+and J carries no information from the new model call (with K = 1 edges before it, J = 0 and
+every skipped step is plain reuse). The slope estimator instead takes the velocity's derivative
+from the chunk's last two *model* velocities, D = (v_t - v_p) / (sigma_t - sigma_p), and gives a
+skipped step i the average of that line over the step:
+    v_i = v_t + ((sigma_i + sigma_{i+1}) / 2 - sigma_t) * D
+(exact when the velocity is linear in sigma along the trajectory; plain reuse until a chunk has
+two computed steps).
 """
 from __future__ import annotations
 
@@ -19,6 +29,8 @@ from collections import deque
 import torch
 
 from .base import PolicyContext
+
+ESTIMATORS = ("secant", "slope")
 
 
 def finite_difference_jvp(z_t: torch.Tensor, sigma_t: float, z_r: torch.Tensor, sigma_r: float,
@@ -37,21 +49,38 @@ def average_velocity(v_t: torch.Tensor, jvp: torch.Tensor, sigma_t: float, sigma
 class MeanVelocity:
     """Per-chunk fp32 history of (sigma, latents, velocity used) and the skipped-step estimate."""
 
-    def __init__(self, ctx: PolicyContext, max_k: int) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: PolicyContext, max_k: int, estimator: str = "secant") -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown MeanCache estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        self.ctx, self.estimator = ctx, estimator
         self.sigmas = [float(s) for s in ctx.sigmas]
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, max_k) + 1)
         self.jvp: torch.Tensor | None = None
         self.velocity: torch.Tensor | None = None
+        self.computed: deque[tuple[int, torch.Tensor]] = deque(maxlen=2)  # (step, model velocity), "slope"
 
     def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor, k: int) -> None:
         z, v = latents.float().clone(), velocity.float()
+        if self.estimator == "slope":
+            self.computed.append((step, v))
+            self.jvp = None
+            self._record(step, z, v)
+            return
         self.jvp = self._jvp(step, z, k)
         self._record(step, z, v)
 
     def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         if self.velocity is None:
             raise RuntimeError(f"chunk {self.ctx.chunk} skipped step {step} before any computed step")
+        if self.estimator == "slope":
+            (t, v_t) = self.computed[-1]
+            v = v_t
+            if len(self.computed) == 2:
+                p, v_p = self.computed[0]
+                slope = (v_t - v_p) / (self.sigmas[t] - self.sigmas[p])
+                v = v_t + (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t]) * slope
+            self._record(step, latents.float().clone(), v)
+            return v
         v = self.velocity
         if self.jvp is not None:
             v = v + (self.sigmas[step + 1] - self.sigmas[step]) * self.jvp
@@ -73,11 +102,11 @@ class MeanVelocity:
 class MeanCache:
     """Computes on a static schedule {step: K}; every other step uses the average-velocity estimate."""
 
-    def __init__(self, ctx: PolicyContext, schedule: dict[int, int]) -> None:
+    def __init__(self, ctx: PolicyContext, schedule: dict[int, int], estimator: str = "secant") -> None:
         self.ctx = ctx
         self.schedule = dict(schedule)
         self.default_k = max(self.schedule.values(), default=1)
-        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1))
+        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1), estimator)
 
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
         return step in self.schedule
