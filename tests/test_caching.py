@@ -383,15 +383,30 @@ class _Batches:
     """Wraps the backbone: records each call's batch and checks a conditional-only call against the
     conditional half of the same call run with both passes, on a copy of the store."""
 
-    def __init__(self, backbone):
-        self.inner, self.batches, self.commits, self.max_err = backbone, [], [], 0.0
+    def __init__(self, backbone, engine):
+        self.inner, self.engine, self.batches, self.commits, self.max_err = backbone, engine, [], [], 0.0
+        self.kept_before, self.uncond_kept = None, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def _check_kept_kv(self):
+        """After a conditional-only call, a chunk's kept K/V get new conditional halves and keep their
+        unconditional halves from before the call."""
+        now = {i: c.kv for i, c in self.engine._run.chunks.items() if c.kv}
+        if self.batches and self.batches[-1] == 1:
+            for i, kv in now.items():
+                before = self.kept_before.get(i)
+                if before is not None and kv is not before:
+                    assert all(torch.equal(k[1:], kb[1:]) and torch.equal(v[1:], vb[1:])
+                               for (k, v), (kb, vb) in zip(kv, before))
+                    self.uncond_kept += 1
+        self.kept_before = now
+
     def __call__(self, x, t, text, plan, store, fps=None):
         import copy
 
+        self._check_kept_kv()
         self.batches.append(x.shape[0])
         self.commits.append(plan.commit)
         if x.shape[0] == 1:
@@ -416,10 +431,12 @@ def test_guidance_reuse_runs_conditional_only_calls_that_equal_the_conditional_p
     # sync windows of 2 chunks (the embedded model's schedule): commits open every window
     over = dict(frames=49, schedule__ar_step=0, schedule__window_blocks=2)
     ref = engine.generate(_cfg("none", **over))
-    spy = _Batches(engine.backbone)
+    spy = _Batches(engine.backbone, engine)
     monkeypatch.setattr(engine, "backbone", spy)
     out = engine.generate(_cfg(preset, **over))
     assert spy.batches.count(1) >= len(spy.batches) // 4  # a real share of the calls skipped the CFG pass
+    # kept K/V (a skipping policy's) after conditional-only calls were checked; `none` keeps none
+    assert (spy.uncond_kept > 0) == preset.startswith("meancache")
     assert any(spy.commits) and all(b == 2 for b, c in zip(spy.batches, spy.commits) if c)  # commits: both passes
     # a conditional-only call is the conditional half of the full call: same K/V read, same numbers
     # up to the summation order of a batch of 1 against 2 (float32, 1e-5)
