@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import CallPlan, WanFamilyBackbone
-from .caching import GuidanceReuse, PolicyContext, make_policy_factory, preset_sampler
+from .caching import PolicyContext, guidance_for, make_policy_factory, preset_sampler
 from .caching.base import BackboneProbe
 from .chunk import Chunk
 from .config import GenerateConfig
@@ -279,9 +279,8 @@ class Engine:
         noise = torch.randn(shape, generator=chunk_generator(r.cfg.seed, index), dtype=torch.float32)
         probe = self._run.probe
         ctx = PolicyContext(index, r.steps, sampler.sigmas, sampler.timesteps, probe.features, probe.modulation)
-        every, warmup = getattr(policy_factory, "guidance", (1, 1))
         return Chunk(index, start, end, noise.to(self.backbone.device), sampler.new_state(), policy_factory(ctx),
-                     guidance=GuidanceReuse(every, warmup))
+                     guidance=guidance_for(policy_factory))
 
     def chunk_noise(self, cfg: GenerateConfig) -> torch.Tensor:
         """The initial noise of a whole KV-mode request, [1, C, F, h, w] (for tests and comparisons)."""
@@ -344,8 +343,7 @@ class Engine:
                 c.latents = c.latents.to(self.backbone.device)
                 c.kv = [(k.to(c.latents.device), v.to(c.latents.device)) for k, v in c.kv] if c.kv else None
                 # a state saved before guidance reuse existed holds none: plain CFG state for it
-                c.guidance = (c.guidance or GuidanceReuse(*getattr(policy_factory, "guidance", (1, 1)))).to(
-                    c.latents.device)
+                c.guidance = (c.guidance or guidance_for(policy_factory)).to(c.latents.device)
             run.probe.backbone = self.backbone
         else:
             run = Run(chunks={}, store=self._make_store(r, sched, batch), next_tick=0,

@@ -18,9 +18,7 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("overrides", [["schedule.ar_step=1"], ["schedule.ar_step=1", "kv.policy=window", "kv.budget_frames=4"],
-                                       ["schedule.name=pipelined", "schedule.window_size=3", "sampler.steps=3"],
-                                       # guidance reuse: each chunk's cached CFG direction is part of the state
-                                       ["schedule.window_blocks=2", "cache.preset=meancache:budget=4,guidance_every=2"]])
+                                       ["schedule.name=pipelined", "schedule.window_size=3", "sampler.steps=3"]])
 def test_resume_from_snapshot_reproduces_uninterrupted_frames(folder, tmp_path, overrides):
     cfg = build_config(prompt=CAPTION, frames=25, seed=4, overrides=overrides)
     reference = Engine(load_model(folder)).generate(cfg)
@@ -39,6 +37,24 @@ def test_resume_from_snapshot_reproduces_uninterrupted_frames(folder, tmp_path, 
     resumed_engine = Engine(load_model(folder))  # a fresh process would load everything anew
     rest = [c.frames for c in resumed_engine.stream(cfg, resume=RunState.load(path))]
     video = np.concatenate([written] + rest)
+    assert np.array_equal(video, reference)
+
+
+def test_resume_keeps_each_chunks_guidance_reuse_state(folder, tmp_path):
+    # guidance reuse: a chunk in flight carries its cached CFG direction and its call count; resume
+    # from a snapshot where a chunk's next call reuses that direction (without the state it would
+    # run both passes there, and the video would differ)
+    cfg = build_config(prompt=CAPTION, frames=49, seed=4, overrides=[
+        "schedule.window_blocks=2", "sampler.steps=6", "cache.preset=meancache:budget=4,guidance_every=2"])
+    reference = Engine(load_model(folder)).generate(cfg)
+    engine, states, frames = Engine(load_model(folder)), [], []
+    for chunk in engine.stream(cfg, on_state=lambda get: states.append(get())):
+        frames.append(chunk.frames)
+    state = next(s for s in states if any(c.step < 6 and not c.guidance.needs_uncond() for c in s.run.chunks.values()))
+    path = tmp_path / "run.state"
+    state.save(path)
+    rest = [c.frames for c in Engine(load_model(folder)).stream(cfg, resume=RunState.load(path))]
+    video = np.concatenate([np.concatenate(frames)[: state.emitted_frames]] + rest)
     assert np.array_equal(video, reference)
 
 

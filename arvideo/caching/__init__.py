@@ -23,7 +23,7 @@ from .calibration import costs_from_entry, find_entry
 from .common import IDENTITY_POLY
 from .deepcache import DeepCache
 from .flowcache import FlowCache, ResidualFlowCache
-from .guidance import GuidanceReuse
+from .guidance import GuidanceReuse, guidance_for
 from .meancache import MeanCache, uniform_schedule
 from .none import NoCache
 from .schedule import displacement_costs, shortest_path_schedule
@@ -225,5 +225,5 @@ def make_policy_factory(preset: str | PolicyFactory, steps: int, model_dir: Path
     return factory
 
 
-__all__ = ["CachePolicy", "GuidanceReuse", "NoCache", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
+__all__ = ["CachePolicy", "GuidanceReuse", "NoCache", "guidance_for", "PolicyContext", "PolicyFactory", "POLICIES", "PRESETS",
            "make_policy_factory", "parse_preset", "preset_sampler"]

@@ -66,3 +66,8 @@ class GuidanceReuse:
             raise RuntimeError("guidance reuse before any call with both passes")  # pragma: no cover
         self.calls += 1
         return v_cond + (scale - 1.0) * self.delta
+
+
+def guidance_for(policy_factory) -> GuidanceReuse:
+    """A fresh per-chunk state for the run's preset (plain CFG for a factory that names none)."""
+    return GuidanceReuse(*getattr(policy_factory, "guidance", (1, 1)))
