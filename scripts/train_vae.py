@@ -43,11 +43,13 @@ def build_vae(latents_mean=None, latents_std=None, config: dict | None = None) -
 
 
 def sample_batch(rng: np.random.Generator, batch: int, frames: int, seed_lo: int, seed_hi: int, crop: int = 64):
-    """Clips [B, 3, F, crop, crop] in [-1, 1] and per-pixel loss weights [B, 1, F, crop, crop].
+    """Clips [B, 3, F, crop, crop] in [-1, 1], per-pixel loss weights [B, 1, F, crop, crop] and the
+    mask of solid pixels (exactly a palette colour: object interiors and background, not the
+    anti-aliased edges) [B, 1, F, crop, crop].
 
     The VAE is convolutional, so random spatial crops teach it the same local maps at a fraction
     of the cost of whole 64x64 frames (crop 32: 4x cheaper steps)."""
-    clips, weights = [], []
+    clips, weights, solids = [], [], []
     for _ in range(batch):
         world = sample_world(int(rng.integers(seed_lo, seed_hi)))
         clip = world.clip(int(rng.integers(0, 4000)), frames)  # [F, H, W, 3]
@@ -57,11 +59,15 @@ def sample_batch(rng: np.random.Generator, batch: int, frames: int, seed_lo: int
         bg = np.array(world.spec.background_rgb, dtype=np.int16)
         # Objects cover a few % of the frame: weight non-background pixels up so they are not ignored.
         is_obj = (np.abs(clip.astype(np.int16) - bg).sum(-1) > 0).astype(np.float32)
+        solid = (np.abs(clip.astype(np.int16) - bg).sum(-1) == 0)
+        for o in world.spec.objects:
+            solid |= (clip == np.array(o.rgb, dtype=np.uint8)).all(-1)
         clips.append(clip)
         weights.append(1.0 + 4.0 * is_obj)
+        solids.append(solid.astype(np.float32))
     x = to_video_tensor(np.stack(clips))
     w = torch.from_numpy(np.stack(weights))[:, None]
-    return x, w
+    return x, w, torch.from_numpy(np.stack(solids))[:, None]
 
 
 def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
@@ -78,7 +84,8 @@ def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(vae: AutoencoderKLWan, x: torch.Tensor, w: torch.Tensor, kl_weight: float, sample: bool = False,
-             decoder_only: bool = False):
+             decoder_only: bool = False, solid: torch.Tensor | None = None, palette_weight: float = 0.0,
+             palette_margin: float = 12.0):
     with torch.set_grad_enabled(not decoder_only):
         post = vae.encode(x).latent_dist
     # Decoding the posterior mean (not a sample) learns far faster in a short CPU budget; the
@@ -93,7 +100,16 @@ def vae_loss(vae: AutoencoderKLWan, x: torch.Tensor, w: torch.Tensor, kl_weight:
     grad = gx.abs().mean() + gy.abs().mean()
     kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
     loss = l1 + l2 + 0.5 * grad + kl_weight * kl
-    return loss, dict(l1=l1.item(), l2=l2.item(), grad=grad.item(), kl=kl.item())
+    parts = dict(l1=l1.item(), l2=l2.item(), grad=grad.item(), kl=kl.item())
+    if palette_weight > 0 and solid is not None:
+        # The world metrics classify a pixel by its nearest palette colour within RGB distance 40:
+        # a solid pixel decoded more than `palette_margin` (0-255 units) off its colour is pushed
+        # back, in proportion to how far (object pixels weighted as in the L1 / MSE terms).
+        dist = (err * 127.5).pow(2).sum(1, keepdim=True).add(1e-6).sqrt()
+        hinge = ((dist - palette_margin).clamp(min=0) / 127.5 * w * solid).sum() / (w * solid).sum().clamp(min=1)
+        loss = loss + palette_weight * hinge
+        parts["palette"] = hinge.item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -137,6 +153,10 @@ def main() -> None:
     p.add_argument("--z-dim", type=int, default=VAE_CONFIG["z_dim"], help="latent channels (new runs only)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--palette-weight", type=float, default=0.0,
+                   help="weight of the palette hinge: solid pixels decoded farther than --palette-margin from "
+                   "their colour (what the world metrics' 40-unit colour radius punishes); 0 = off (runs before v3.1)")
+    p.add_argument("--palette-margin", type=float, default=12.0, help="palette hinge margin, RGB units 0-255")
     p.add_argument("--sample-posterior", action="store_true", help="decode posterior samples instead of means")
     p.add_argument("--save-every-min", type=float, default=3.0)
     p.add_argument("--log-every", type=int, default=10)
@@ -194,10 +214,11 @@ def main() -> None:
         lr = args.lr * min(1.0, (run_steps + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, w = sample_batch(rng, args.batch, args.frames, TRAIN_SEED_BASE, 10**8, args.crop)
-        x, w = x.to(device), w.to(device)
+        x, w, solid = sample_batch(rng, args.batch, args.frames, TRAIN_SEED_BASE, 10**8, args.crop)
+        x, w, solid = x.to(device), w.to(device), solid.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, parts = vae_loss(vae, x, w, args.kl_weight, args.sample_posterior, args.decoder_only)
+            loss, parts = vae_loss(vae, x, w, args.kl_weight, args.sample_posterior, args.decoder_only, solid,
+                                   args.palette_weight, args.palette_margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

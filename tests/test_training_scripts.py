@@ -54,3 +54,42 @@ def test_vae_transformer_init_resume_export_then_load(tmp_path):
     frames = engine.generate(build_config(prompt="a small red circle on a black background", frames=7,
                                           overrides=["sampler.steps=2"]))
     assert frames.shape == (7, 64, 64, 3) and frames.dtype == np.uint8
+
+
+def _train_vae_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "scripts"))  # train_vae imports its sibling _train_common
+    spec = importlib.util.spec_from_file_location("train_vae", ROOT / "scripts" / "train_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vae_palette_hinge_counts_only_solid_pixels_beyond_the_margin():
+    import torch
+
+    tv = _train_vae_module()
+    x, w, solid = tv.sample_batch(np.random.default_rng(0), 2, 5, 1000, 2000, crop=64)
+    assert x.shape[2:] == solid.shape[2:] and solid.shape[1] == 1
+    # solid = exactly the background or a captioned object's colour: the anti-aliased edges are not
+    frac = solid.mean().item()
+    assert 0.5 < frac < 1.0
+    torch.manual_seed(0)
+    vae = tv.build_vae()
+    vae.eval()
+
+    def hinge(offset_rgb: float, margin: float) -> float:
+        # a decoder that returns the input shifted by offset_rgb (0-255 units) in one channel
+        vae_forward = tv.decode_unclamped
+        tv.decode_unclamped = lambda _vae, _z: x + torch.tensor([offset_rgb / 127.5, 0, 0]).view(1, 3, 1, 1, 1)
+        try:
+            _, parts = tv.vae_loss(vae, x, w, 0.0, solid=solid, palette_weight=1.0, palette_margin=margin)
+        finally:
+            tv.decode_unclamped = vae_forward
+        return parts["palette"]
+
+    assert hinge(10.0, 12.0) == 0.0  # within the margin: nothing to push
+    assert abs(hinge(30.0, 12.0) - 18.0 / 127.5) < 1e-4  # 18 units beyond it, on every solid pixel
+    _, parts = tv.vae_loss(vae, x, w, 0.0)
+    assert "palette" not in parts  # off by default (the runs before it are reproducible)
