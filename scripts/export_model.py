@@ -56,6 +56,7 @@ def arvideo_defaults(args, df_ck: dict) -> dict:
         "trained_minutes": round((float(df_ck.get("wall_s", 0.0)) + float(df_ck.get("init", {}).get("wall_s", 0.0))) / 60, 1),
         "window_blocks": args.window_blocks,
         "kv_policy": args.kv_policy,
+        "kv_positions": args.kv_positions,
     }
 
 
@@ -74,6 +75,9 @@ def main() -> None:
                         "the attention span is 10 latent frames, a little over the training clip)")
     p.add_argument("--window-blocks", type=int, default=2, help="arvideo.json: chunks denoised together (sync schedule)")
     p.add_argument("--kv-policy", default="scored", help="arvideo.json: default KV eviction policy")
+    p.add_argument("--kv-positions", default="reindexed", choices=["absolute", "reindexed"],
+                   help="arvideo.json: default rotary positions of cached frames (chosen by the 2,000-frame "
+                   "measurement in docs/kvstore.md)")
     p.add_argument("--verify", action="store_true", help="reload the folder and generate a 15-frame video")
     p.add_argument("--eval", action="store_true",
                    help="reload the folder and score the training-time evaluation videos (train_transformer.py protocol)")

@@ -267,3 +267,21 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     bench.quality(args)
     assert len(calls) == 4 and calls[-1][0] == 10_001  # 3 before the interruption + the 1 missing video
     assert len(published[-1]) == 4 and not journal.exists()
+
+
+def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tmp_path):
+    # the embedded model ships "kv_positions": "absolute" (measured, docs/kvstore.md); the engine
+    # must take it from the folder, and kv.positions on the request must still win
+    kv = {"kv_policy": "sink-window", "kv_window_latent_frames": 4}
+    ab = save_tiny_model_folder(tmp_path / "ab", defaults=dict(kv, kv_positions="absolute"))
+    re = save_tiny_model_folder(tmp_path / "re", defaults=dict(kv, kv_positions="reindexed"))
+    cfg = dict(prompt=CAPTION, frames=29, seed=3, overrides=["schedule.ar_step=1"])
+
+    def run(folder, *extra):
+        c = dict(cfg, overrides=cfg["overrides"] + list(extra))
+        return Engine(load_model(folder)).generate(build_config(**c))
+
+    from_ab, from_re = run(ab), run(re)
+    assert not np.array_equal(from_ab, from_re)  # eviction with a sink: the two schemes differ
+    assert np.array_equal(from_ab, run(re, "kv.positions=absolute"))
+    assert np.array_equal(from_re, run(ab, "kv.positions=reindexed"))
