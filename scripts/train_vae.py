@@ -58,8 +58,9 @@ def sample_batch(rng: np.random.Generator, batch: int, frames: int, seed_lo: int
             clip = clip[:, y0 : y0 + crop, x0 : x0 + crop]
         bg = np.array(world.spec.background_rgb, dtype=np.int16)
         # Objects cover a few % of the frame: weight non-background pixels up so they are not ignored.
-        is_obj = (np.abs(clip.astype(np.int16) - bg).sum(-1) > 0).astype(np.float32)
-        solid = (np.abs(clip.astype(np.int16) - bg).sum(-1) == 0)
+        off_bg = np.abs(clip.astype(np.int16) - bg).sum(-1) > 0
+        is_obj = off_bg.astype(np.float32)
+        solid = ~off_bg
         for o in world.spec.objects:
             solid |= (clip == np.array(o.rgb, dtype=np.uint8)).all(-1)
         clips.append(clip)
@@ -155,7 +156,7 @@ def main() -> None:
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--palette-weight", type=float, default=0.0,
                    help="weight of the palette hinge: solid pixels decoded farther than --palette-margin from "
-                   "their colour (what the world metrics' 40-unit colour radius punishes); 0 = off (runs before v3.1)")
+                   "their colour (what the world metrics' 40-unit colour radius punishes); 0 = off (as for every shipped VAE)")
     p.add_argument("--palette-margin", type=float, default=12.0, help="palette hinge margin, RGB units 0-255")
     p.add_argument("--sample-posterior", action="store_true", help="decode posterior samples instead of means")
     p.add_argument("--save-every-min", type=float, default=3.0)
