@@ -238,6 +238,8 @@ def process(args) -> None:
 def quality(args) -> None:
     import numpy as np
 
+    from arvideo.world.metrics import paired_difference
+
     variants = []
     for policy in args.policies:
         for pos in args.positions if policy != "window" else args.positions[:1]:
@@ -288,20 +290,24 @@ def quality(args) -> None:
             f"{np.mean([r['peak_rss_mib'] for r in rows]):.0f} | {np.mean([r['seconds'] for r in rows]):.0f} |"
         )
     if len(variants) > 1 and args.captions > 1:
-        lines += ["", f"Paired by caption against {variants[0][0]}/{variants[0][1]} (mean difference +- its standard "
-                  "error over captions; better / worse = captions where the first variant scores higher / lower):", "",
-                  "| comparison | adherence | persistence | captions better / worse (adherence) |",
-                  "| --- | ---: | ---: | --- |"]
+        # every pair of variants, so each comparison a reader needs (one policy under both
+        # position schemes, two policies under one) comes from this script, not by hand
+        paired = ("adherence", "persistence", "smoothness", "spurious")
+        lines += ["", "Paired by caption, every pair of variants (first minus second: mean difference +- its "
+                  "standard error over captions; captions higher / lower = where the first scores higher / lower "
+                  "on adherence):", "",
+                  "| first - second | " + " | ".join(paired) + " | captions higher / lower (adherence) |",
+                  "| --- |" + " ---: |" * len(paired) + " --- |"]
         by = {(v, r["seed"]): r for v, r in results}
         seeds = sorted({r["seed"] for _, r in results})
-        for other in variants[1:]:
-            cells = []
-            for m in ("adherence", "persistence"):
-                d = np.array([by[(variants[0], s)][m] - by[(other, s)][m] for s in seeds])
-                cells.append(f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}")
-                if m == "adherence":
-                    tally = f"{int((d > 0).sum())} / {int((d < 0).sum())}"
-            lines.append(f"| {variants[0][0]} - {other[0]}/{other[1]} | {cells[0]} | {cells[1]} | {tally} |")
+        for i, first in enumerate(variants):
+            for second in variants[i + 1:]:
+                cells = {m: paired_difference([by[(first, s)] for s in seeds], [by[(second, s)] for s in seeds], m)
+                         for m in paired}
+                adh = cells["adherence"]
+                lines.append(f"| {first[0]}/{first[1]} - {second[0]}/{second[1]} | "
+                             + " | ".join(f"{cells[m]['mean']:+.3f} +- {cells[m]['se']:.3f}" for m in paired)
+                             + f" | {adh['higher']} / {adh['lower']} |")
     lines += ["", "Per video (persistence, adherence):", ""]
     for variant, r in sorted(results, key=lambda vr: variants.index(vr[0])):
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from arvideo.cli import main
 from arvideo.world import World, parse_caption
@@ -51,3 +52,35 @@ def test_eval_checks_inputs_before_generating(tmp_path, capsys, monkeypatch):
     assert "unknown config key 'threads'" in capsys.readouterr().err
     assert main(["eval", "--generate", "2", "--frames", "9", str(tmp_path / "missing.npy")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_paired_difference_and_the_compare_script(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from arvideo.world.metrics import METRICS, MetricsError, paired_difference
+
+    a = [{"adherence": v} for v in (0.5, 0.9, 0.2)]
+    b = [{"adherence": v} for v in (0.4, 0.9, 0.6)]
+    d = paired_difference(a, b, "adherence")  # differences 0.1, 0.0, -0.4
+    assert abs(d["mean"] - (-0.1)) < 1e-12 and (d["higher"], d["lower"]) == (1, 1)
+    assert abs(d["se"] - float(np.std([0.1, 0.0, -0.4], ddof=1)) / 3 ** 0.5) < 1e-12
+    with pytest.raises(MetricsError):
+        paired_difference(a, b[:2], "adherence")
+
+    def rows(values, seeds):
+        return {"rows": [dict({m: v for m in METRICS}, seed=s) for v, s in zip(values, seeds)]}
+
+    (tmp_path / "a.json").write_text(json.dumps(rows([0.5, 0.9, 0.2], [7, 8, 9])))
+    (tmp_path / "b.json").write_text(json.dumps(rows([0.6, 0.9, 0.4], [9, 8, 7])))  # matched by seed, not order
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_evals.py"
+    out = subprocess.run([sys.executable, script, tmp_path / "a.json", tmp_path / "b.json"], capture_output=True,
+                         text=True, check=True).stdout
+    # matched by seed: differences +0.1 (seed 7), 0 (8), -0.4 (9), as in the lists above
+    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in out
+    (tmp_path / "c.json").write_text(json.dumps(rows([0.1, 0.2], [7, 8])))
+    bad = subprocess.run([sys.executable, script, tmp_path / "a.json", tmp_path / "c.json"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "same --generate N" in bad.stderr

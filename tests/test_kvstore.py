@@ -270,8 +270,9 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
 
 
 def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tmp_path):
-    # the embedded model ships "kv_positions": "absolute" (measured, docs/kvstore.md); the engine
-    # must take it from the folder, and kv.positions on the request must still win
+    # a model folder's arvideo.json names its default positions (the embedded model's: reindexed,
+    # chosen by measurement, docs/kvstore.md); the engine must take it from the folder, and
+    # kv.positions on the request must still win
     kv = {"kv_policy": "sink-window", "kv_window_latent_frames": 4}
     ab = save_tiny_model_folder(tmp_path / "ab", defaults=dict(kv, kv_positions="absolute"))
     re = save_tiny_model_folder(tmp_path / "re", defaults=dict(kv, kv_positions="reindexed"))

@@ -169,6 +169,18 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     return {m: float(np.mean([row[m] for row in rows])) for m in METRICS}
 
 
+def paired_difference(a: list[dict[str, float]], b: list[dict[str, float]], metric: str) -> dict[str, float]:
+    """Paired comparison of two runs over the same videos (row i of `a` and of `b` score the same
+    caption and seed): mean of a - b, its standard error over videos, and how many videos score
+    higher / lower under `a`. Per-caption spread is large in this world, so comparisons are read
+    against the standard error, never from the means alone."""
+    if len(a) != len(b) or len(a) < 2:
+        raise MetricsError(f"paired_difference needs two equally long lists of at least 2 rows (got {len(a)} and {len(b)})")
+    d = np.array([x[metric] - y[metric] for x, y in zip(a, b)], dtype=np.float64)
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+
+
 def format_table(rows: list[tuple[str, dict[str, float]]], reference: bool = True) -> str:
     """Markdown table of named score rows, with the world's own figures as a last row."""
     lines = [

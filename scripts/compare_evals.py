@@ -1,0 +1,51 @@
+"""Paired comparison of two `arvideo eval --json` runs over the same captions and seeds.
+
+Prints, per world metric, each run's mean and the mean difference (first minus second) with its
+standard error over videos, and how many videos score higher / lower under the first run. This is
+how docs/kvstore.md and docs/training.md compare settings (per-caption spread in the shapes world
+is larger than most differences between settings, so the standard error is part of every reading).
+
+    arvideo eval --generate 12 --frames 160 --json a.json kv.positions=absolute
+    arvideo eval --generate 12 --frames 160 --json b.json kv.positions=reindexed
+    python scripts/compare_evals.py a.json b.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from arvideo.world.metrics import METRICS, paired_difference
+
+
+def load_rows(path: str) -> dict[int, dict]:
+    rows = json.load(open(path))["rows"]
+    return {int(r["seed"]): r for r in rows}
+
+
+def compare(first: str, second: str) -> str:
+    a, b = load_rows(first), load_rows(second)
+    if set(a) != set(b):
+        sys.exit(f"{first} and {second} score different seeds ({sorted(a)} / {sorted(b)}): run both "
+                 "with the same --generate N and --seed-offset")
+    seeds = sorted(a)
+    lines = [f"{first} - {second}, {len(seeds)} videos (seeds {seeds[0]}..{seeds[-1]})", "",
+             "| metric | first | second | first - second | videos higher / lower |", "| --- | ---: | ---: | ---: | --- |"]
+    for m in METRICS:
+        x, y = [a[s] for s in seeds], [b[s] for s in seeds]
+        d = paired_difference(x, y, m)
+        lines.append(f"| {m} | {sum(r[m] for r in x) / len(x):.3f} | {sum(r[m] for r in y) / len(y):.3f} | "
+                     f"{d['mean']:+.3f} +- {d['se']:.3f} | {d['higher']} / {d['lower']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("first")
+    p.add_argument("second")
+    args = p.parse_args()
+    print(compare(args.first, args.second))
+
+
+if __name__ == "__main__":
+    main()
