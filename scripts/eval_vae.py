@@ -6,6 +6,7 @@ the reconstructions, for several clip lengths (long decodes show drift in a caus
 
     python scripts/eval_vae.py checkpoints/vae/last.pt
     python scripts/eval_vae.py models/shapes-df/vae --frames 9 33 65
+    python scripts/eval_vae.py models/shapes-df/vae --frames 9 --clips 30 --solid   # colour fidelity
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from _train_common import build_vae_from_checkpoint, psnr, setup_torch, to_video_tensor
 
 from arvideo.world import sample_world
-from arvideo.world.metrics import format_table, mean_scores, score_video
+from arvideo.world.metrics import CLASSIFY_DISTANCE, format_table, mean_scores, score_video
 
 
 def load(path: Path):
@@ -42,21 +43,36 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=6)
     p.add_argument("--start", type=int, default=100, help="first world frame of each clip")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--solid", action="store_true",
+                   help="also print, per object colour and background, the fraction of solid object pixels (exactly "
+                   "the palette colour in the clip) whose reconstruction lies within the metrics' colour radius")
     args = p.parse_args()
     setup_torch(args.threads)
     vae = load(args.vae)
-    rows = []
+    rows, within = [], {}
     for frames in args.frames:
         scores, values = [], []
         for seed in range(args.clips):
             world = sample_world(seed)
-            out, value = reconstruct(vae, world.clip(args.start, frames))
+            clip = world.clip(args.start, frames)
+            out, value = reconstruct(vae, clip)
             scores.append(score_video(out, world.spec))
             values.append(value)
+            for o in world.spec.objects if args.solid else ():
+                rgb = np.array(o.rgb)
+                err = np.linalg.norm(out[(clip == rgb).all(-1)].astype(np.float64) - rgb, axis=-1)
+                hits = within.setdefault((o.colour, world.spec.background), [0, 0])
+                hits[0] += int((err <= CLASSIFY_DISTANCE).sum())
+                hits[1] += err.size
         row = mean_scores(scores)
         print(f"{frames} frames: PSNR {np.mean(values):.2f} dB", flush=True)
         rows.append((f"{frames} frames, PSNR {np.mean(values):.2f} dB", row))
     print(format_table(rows))
+    if within:
+        print("\nSolid object pixels within the colour radius (all clip lengths):\n\n| colour | background | fraction | pixels |"
+              "\n| --- | --- | ---: | ---: |")
+        for (colour, bg), (hit, total) in sorted(within.items()):
+            print(f"| {colour} | {bg} | {hit / max(total, 1):.2f} | {total} |")
 
 
 if __name__ == "__main__":

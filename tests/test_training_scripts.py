@@ -28,6 +28,10 @@ def test_vae_transformer_init_resume_export_then_load(tmp_path):
     run("train_vae.py", "--out", vae, "--steps", 2, "--batch", 1, "--frames", 5, "--crop", 32, "--threads", 1,
         "--eval-clips", 1, "--stat-clips", 2, "--log", tmp_path / "vae.csv")
     ck = vae / "last.pt"
+    out = run("eval_vae.py", ck, "--frames", 5, "--clips", 2, "--solid", "--threads", 1)
+    solid_rows = [line for line in out.splitlines() if line.startswith("| ") and line.count("|") == 5
+                  and "colour" not in line and "---" not in line]
+    assert "Solid object pixels within the colour radius" in out and solid_rows  # one row per colour / background
     common = ["--vae", ck, "--batch", 2, "--pool-clips", 2, "--pool-frames", 17, "--eval-every-min", 0, "--threads", 1]
     out = run("train_transformer.py", "--out", tmp_path / "df", "--steps", 2, "--log", tmp_path / "df.csv", *common)
     assert "saved" in out and "at step 2" in out
