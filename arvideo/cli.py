@@ -18,6 +18,9 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="text prompt (the embedded model takes shapes-world captions)")
     p.add_argument("--model", default=None, help="model folder in diffusers layout (default: embedded shapes model)")
     p.add_argument("--frames", type=int, default=None, help="number of video frames (default 48)")
+    p.add_argument("--section", nargs=2, action="append", default=None, metavar=("FRAME", "PROMPT"),
+                   help="from video frame FRAME on, generate with PROMPT instead (repeatable, increasing frames; "
+                        "starts at the next chunk boundary; docs/sections.md)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
@@ -140,7 +143,17 @@ def _config_from_args(args, prompt: str | None = None):
         guidance_scale=getattr(args, "guidance", None), device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
     )
+    if getattr(args, "section", None):
+        values["sections"] = [{"frame": _frame_number(frame), "prompt": text} for frame, text in args.section]
     return build_config(args.config, overrides, **values)
+
+
+def _frame_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ArvideoError(f"--section takes a video frame number and a prompt, e.g. --section 80 \"a ...\"; "
+                           f"got frame {text!r}") from None
 
 
 def _start_server(port: int | None, directory: str | None):
@@ -169,6 +182,11 @@ def cmd_generate(args) -> int:
     engine = Engine.from_folder(args.model, cfg.device, cfg.dtype, cfg.attention)
     resolved = engine.resolve(cfg)  # validate everything before any file is touched
     engine.make_schedule(resolved)
+    sections = engine.section_plan(resolved)
+    if sections.sectioned and not args.quiet:
+        starts = sections.switch_frames(engine.chunk_starts(resolved))
+        print("prompt sections: " + "; ".join(f"from frame {f}: {p!r}" for f, p in zip(starts, sections.prompts)),
+              file=sys.stderr)
     outs = args.out or ["video.mp4"]
     for out in outs:
         check_output_path(out)
@@ -223,6 +241,9 @@ def cmd_generate(args) -> int:
 
         stats = {"frames": result.frames, "seconds": seconds, "model_calls": engine.model_calls,
                  "peak_memory_bytes": peak, "device": resolved.cfg.device, "resumed_from": result.resumed_from, "outputs": outs}
+        if sections.sectioned:
+            stats["sections"] = [{"frame": f, "prompt": p} for f, p in zip(
+                sections.switch_frames(engine.chunk_starts(resolved)), sections.prompts)]
         Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n")
     if not args.quiet:
         resumed = f" (resumed at frame {result.resumed_from})" if result.resumed_from else ""

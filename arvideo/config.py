@@ -55,14 +55,25 @@ class KVConfig:
     queries: str = "chunk"  # scored: chunk (every query being denoised) | last-frame (their last latent frame)
     protect_sink: bool = True  # scored: always keep the first chunk
     protect_recent: bool = True  # scored: always keep the most recently committed chunk
+    section_sink: str = "move"  # scored/sink-window, prompt sections: the sink moves to each section's first chunk (move) or stays the video's first (keep)
+
+
+@dataclass
+class PromptSection:
+    """A prompt that takes over from `frame` on (video frames; it starts at the first chunk
+    boundary at or after that frame, arvideo/sections.py)."""
+
+    frame: int = 0
+    prompt: str = ""
 
 
 @dataclass
 class GenerateConfig:
     """Everything one video needs."""
 
-    prompt: str = ""
+    prompt: str = ""  # the prompt from frame 0 (until the first of `sections`)
     negative_prompt: str = ""
+    sections: list[PromptSection] = field(default_factory=list)  # later prompts, by start frame
     frames: int = 48
     seed: int = 0
     fps: int | None = None

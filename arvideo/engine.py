@@ -29,6 +29,7 @@ from .kvstore import KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
 from .samplers import Sampler
 from .schedules import build_schedule
+from .sections import SectionPlan
 from .state import Run, RunState, request_fingerprint
 from .vae import StreamingDecoder
 
@@ -162,18 +163,40 @@ class Engine:
         raise ConfigError(f"unknown schedule {sc.name!r}; choose diffusion-forcing, pipelined or window")
 
     # -- text ------------------------------------------------------------------------------------
-    def encode_text(self, r: Resolved, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
+    def section_plan(self, r: Resolved) -> SectionPlan:
+        """The prompt of every chunk (arvideo/sections.py); validates the request's sections."""
+        if r.cfg.sections and r.cfg.schedule.name == "window":
+            raise ConfigError("prompt sections need the diffusion-forcing or pipelined schedule, not window mode")
+        return SectionPlan.from_config(r.cfg, self.model.temporal_factor, self.chunk_starts(r))
+
+    def chunk_starts(self, r: Resolved) -> list[int]:
+        """First latent frame of every chunk of the request (window mode: one entry)."""
+        if r.cfg.schedule.name == "window":
+            return [0]
+        sched = self.make_schedule(r)
+        return [sched.chunk_frames(i)[0] for i in range(sched.num_chunks)]
+
+    def encode_text(self, r: Resolved, prompt_embeds=None, negative_prompt_embeds=None,
+                    sections: SectionPlan | None = None) -> list[torch.Tensor]:
+        """Backbone-space text of every prompt of the request (one per section), each [B, L, D]
+        with the conditional pass first and, under guidance, the unconditional one second."""
         dtype = DTYPES[r.cfg.dtype]
         device = self.backbone.device
+        prompts = list(sections.prompts) if sections is not None else [r.cfg.prompt]
         if prompt_embeds is None:
             enc = require_prompt_encoder(self.model)
-            prompts = [r.cfg.prompt] + ([r.cfg.negative_prompt] if r.guidance > 1 else [])
-            embeds = enc(prompts, device, dtype)
-            prompt_embeds, negative_prompt_embeds = embeds[:1], embeds[1:] if r.guidance > 1 else None
+            embeds = enc(prompts + ([r.cfg.negative_prompt] if r.guidance > 1 else []), device, dtype)
+            prompt_embeds, negative_prompt_embeds = embeds[: len(prompts)], embeds[len(prompts):] if r.guidance > 1 else None
+        elif len(prompts) > 1:
+            raise ConfigError("prompt sections need the model's prompt encoder: pass prompts, not prompt_embeds")
         elif r.guidance > 1 and negative_prompt_embeds is None:
             raise ConfigError("guidance_scale > 1 needs negative_prompt_embeds when prompt_embeds are given")
-        text = prompt_embeds if r.guidance <= 1 else torch.cat([prompt_embeds, negative_prompt_embeds])
-        return self.backbone.prepare_text(text.to(device=device, dtype=dtype))
+        texts = []
+        for i in range(len(prompts)):
+            cond = prompt_embeds[i : i + 1]
+            text = cond if r.guidance <= 1 else torch.cat([cond, negative_prompt_embeds])
+            texts.append(self.backbone.prepare_text(text.to(device=device, dtype=dtype)))
+        return texts
 
     # -- public API ------------------------------------------------------------------------------
     def generate(self, cfg: GenerateConfig, **kwargs) -> np.ndarray:
@@ -205,7 +228,8 @@ class Engine:
         so every chunk is denoised from the reference context and only its own error counts.
         """
         r = self.resolve(cfg)
-        text = self.encode_text(r, prompt_embeds, negative_prompt_embeds)
+        sections = self.section_plan(r)
+        texts = self.encode_text(r, prompt_embeds, negative_prompt_embeds, sections)
         fingerprint = request_fingerprint(r, self.model.path)
         if resume is not None:
             if resume.fingerprint != fingerprint:
@@ -219,9 +243,9 @@ class Engine:
                 self.decoder.load_state(resume.decoder)
         self.model_calls = resume.model_calls if resume is not None else 0
         if r.cfg.schedule.name == "window":
-            inner = self._stream_windows(r, text, callback)
+            inner = self._stream_windows(r, texts[0], callback)
         else:
-            inner = self._stream_chunks(r, text, callback, resume, teacher)
+            inner = self._stream_chunks(r, texts, sections, callback, resume, teacher)
         emitted = resume.emitted_frames if resume is not None else 0
         bar = tqdm(total=r.cfg.frames, initial=emitted, unit="frame", disable=not progress, desc="frames")
         if resume is not None and resume.pending:
@@ -324,14 +348,15 @@ class Engine:
         """Rotary frame positions of the computed members: absolute latent-frame indices."""
         return torch.cat([torch.arange(c.frame_start, c.frame_end) for c in members])
 
-    def _stream_chunks(self, r: Resolved, text: torch.Tensor, callback, resume: RunState | None, teacher=None):
+    def _stream_chunks(self, r: Resolved, texts: list[torch.Tensor], sections: SectionPlan, callback,
+                       resume: RunState | None, teacher=None):
         """Yields, once per tick, the (chunk index, clean latents) of chunks finished in it."""
         sched = self.make_schedule(r)
         sampler = Sampler(r.cfg.sampler.name, r.steps, r.cfg.sampler.shift, r.cfg.sampler.grid,
                           self.model.scheduler_config)
         policy_factory = make_policy_factory(r.cfg.cache.preset, r.steps, self.model.path)
         tokens_per_frame = self.backbone.kv_layout(r.latent_height, r.latent_width).tokens_per_frame
-        batch = text.shape[0]
+        batch = texts[0].shape[0]
         clean_commit = r.cfg.kv.commit == "clean"
         if teacher is not None and not clean_commit:
             raise ConfigError("teacher-forced evaluation needs kv.commit=clean")
@@ -352,6 +377,13 @@ class Engine:
         chunks, store = run.chunks, run.store
         last_step = r.steps - 1
         t_dtype = sampler.timesteps.dtype
+        # prompt sections (kv.section_sink=move): each section's first chunk becomes the store's sink
+        new_sinks = set()
+        if r.cfg.kv.section_sink not in ("move", "keep"):
+            raise ConfigError(f"kv.section_sink must be 'move' or 'keep', got {r.cfg.kv.section_sink!r}")
+        if r.cfg.kv.section_sink == "move":
+            first = [sections.section_of(sched.chunk_frames(i)[0]) for i in range(sched.num_chunks)]
+            new_sinks = {i for i in range(1, sched.num_chunks) if first[i] != first[i - 1]}
         for tick_no, tick in enumerate(sched.ticks()):
             if tick_no < run.next_tick:
                 continue
@@ -393,7 +425,14 @@ class Engine:
                 cond_only = (reuse_guidance and not commits and not deep and clean_commit
                              and not any(c.guidance.needs_uncond() for c in computed))
                 b = 1 if cond_only else batch
-                v = self.backbone(x.expand(b, -1, -1, -1, -1), t.expand(b, -1), text[:b], plan, store, fps=r.fps,
+                # one text for the call, or (prompt sections) one per computed member, in call order
+                member_sections = [sections.section_of(c.frame_start) for c in computed]
+                if len(set(member_sections)) == 1:
+                    text = texts[member_sections[0]][:b]
+                else:
+                    sliced = {i: texts[i][:b] for i in set(member_sections)}  # one object per prompt: spans merge
+                    text = [sliced[i] for i in member_sections]
+                v = self.backbone(x.expand(b, -1, -1, -1, -1), t.expand(b, -1), text, plan, store, fps=r.fps,
                                   **({"deep": deep} if deep else {}))
                 self.model_calls += 1
                 if batch > 1 and not reuse_guidance:
@@ -416,13 +455,11 @@ class Engine:
                         members[j].kv = kept
                     for j, residual in (self.backbone.deep_residuals.items() if deep else ()):
                         members[j].policy.deep_observe(residual, members[j].kv)
-                if clean_commit:
-                    store.commit([(c.index, c.num_frames * tokens_per_frame) for c in commits])
-                else:
-                    done = [c for c in computed if c.step == last_step]
-                    if computed[: len(done)] != done:
-                        raise AssertionError("finishing chunks must lead the call")  # pragma: no cover
-                    store.commit([(c.index, c.num_frames * tokens_per_frame) for c in done])
+                done = commits if clean_commit else [c for c in computed if c.step == last_step]
+                if computed[: len(done)] != done:
+                    raise AssertionError("finishing chunks must lead the call")  # pragma: no cover
+                store.commit([(c.index, c.num_frames * tokens_per_frame) for c in done],
+                             sink=next((c.index for c in done if c.index in new_sinks), None))
             events, finished = [], []
             for c, k in active:
                 if c.step != k:

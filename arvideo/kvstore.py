@@ -124,7 +124,8 @@ class KVStore:
         self.committed = 0
         self.scratch = 0
         self.next_frame = 0  # latent frame index of the next committed token
-        self.sink_end = 0  # frames [0, sink_end) belong to the first chunk
+        self.sink_start = 0  # frames [sink_start, sink_end) belong to the sink chunk: the first one,
+        self.sink_end = 0  # or the first of the current prompt section (commit(..., sink=))
         # bounded policies: per layer, per head, per committed slot (CPU int64 [H, committed]);
         # always reassigned, never written in place, so a shallow copy (a run snapshot) stays valid
         self.frame_of: list[torch.Tensor] = [torch.zeros(heads, 0, dtype=torch.long)] * num_layers
@@ -198,13 +199,16 @@ class KVStore:
         end = self.committed + upto
         return self.keys[layer][:batch, :, :end], self.values[layer][:batch, :, :end]
 
-    def commit(self, chunks: list[tuple[int, int]]) -> None:
-        """Keeps the call's leading scratch tokens: `chunks` = [(chunk index, tokens), ...]."""
+    def commit(self, chunks: list[tuple[int, int]], sink: int | None = None) -> None:
+        """Keeps the call's leading scratch tokens: `chunks` = [(chunk index, tokens), ...].
+
+        sink: index of a chunk among them that becomes the protected sink in place of the
+        current one (the first chunk of a new prompt section); the old sink is then evictable."""
         new_frames = []
         for chunk, length in chunks:
             frames = max(1, -(-length // self.tokens_per_frame))
-            if not self.segments and self.next_frame == 0:
-                self.sink_end = frames
+            if (not self.segments and self.next_frame == 0) or chunk == sink:
+                self.sink_start, self.sink_end = self.next_frame, self.next_frame + frames
             self.segments.append(Segment(chunk, length, self.next_frame, frames))
             new_frames.append(self.next_frame + torch.arange(length) // self.tokens_per_frame)
             self.next_frame += frames
@@ -228,14 +232,16 @@ class KVStore:
             self.segments = [s for s in self.segments
                              if bool(((held >= s.frame) & (held < s.frame + s.frames)).any())]
             return
-        protected = 1 if self.policy == "sink-window" else 0
+        sink = getattr(self, "sink_start", 0)  # (a run state saved before sections has no sink_start)
         drop: list[int] = []
         total = self.committed
-        i = protected
-        while total > self.budget and i < len(self.segments):
+        for i, seg in enumerate(self.segments):  # oldest first, the sink segment kept under sink-window
+            if total <= self.budget:
+                break
+            if self.policy == "sink-window" and seg.frame == sink:
+                continue
             drop.append(i)
-            total -= self.segments[i].length
-            i += 1
+            total -= seg.length
         if total > self.budget:
             raise ConfigError(
                 f"KV budget of {self.budget} tokens is smaller than one chunk "
@@ -262,7 +268,7 @@ class KVStore:
         frames = self.frame_of[layer]
         protected = torch.zeros_like(frames, dtype=torch.bool)
         if self.scoring.protect_sink:
-            protected |= frames < self.sink_end
+            protected |= (frames >= getattr(self, "sink_start", 0)) & (frames < self.sink_end)
         if self.scoring.protect_recent and self.segments:
             protected |= frames >= self.segments[-1].frame
         most = int(protected.sum(dim=1).max())

@@ -88,5 +88,8 @@ def request_fingerprint(resolved: Any, model_path: Any) -> str:
     cfg = asdict(resolved.cfg)
     for key in ("device", "attention", "decode_ahead"):
         cfg.pop(key, None)
+    if not cfg.get("sections"):  # keys added with prompt sections: states saved before them stay valid
+        cfg.pop("sections", None)
+        cfg.get("kv", {}).pop("section_sink", None)
     blob = json.dumps({"cfg": cfg, "model": str(model_path)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -108,3 +108,27 @@ def test_peak_bytes_reads_the_high_water_mark_without_resetting_it():
     del block
     assert peak_bytes("cpu") >= before + 190 * 2**20
     assert peak_bytes("cpu") >= before + 190 * 2**20  # reading it twice does not reset it
+
+
+def test_generate_with_sections_reports_where_each_prompt_starts(folder, tmp_path):
+    npy, stats = tmp_path / "s.npy", tmp_path / "s.json"
+    two = "a small red circle on a navy background"
+    assert main(["generate", CAPTION, "--model", str(folder), "--frames", "25", "--section", "12", two,
+                 "--out", str(npy), "--stats", str(stats), "--quiet", "--no-state"]) == 0
+    import json
+
+    # tiny model: chunks of 4 frames after the first 3, so frame 12 snaps to the boundary at 15
+    assert json.loads(stats.read_text())["sections"] == [{"frame": 0, "prompt": CAPTION}, {"frame": 15, "prompt": two}]
+    assert np.load(npy).shape[0] == 25
+
+
+@pytest.mark.parametrize("section, message", [(["x", "a small red circle on a navy background"], "frame number"),
+                                              (["12", "a small purple circle on a navy background"], "'purple'"),
+                                              (["30", "a small red circle on a navy background"], "before the video ends")])
+def test_a_bad_section_exits_2_and_writes_nothing(folder, tmp_path, capsys, section, message):
+    out = tmp_path / "bad.mp4"
+    code = main(["generate", CAPTION, "--model", str(folder), "--frames", "25", "--section", *section,
+                 "--out", str(out), "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

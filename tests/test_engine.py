@@ -63,8 +63,8 @@ def test_bounded_kv_window_never_exceeds_budget(engine, monkeypatch):
     seen = []
     original = kvstore.KVStore.commit
 
-    def commit(self, chunks):
-        original(self, chunks)
+    def commit(self, chunks, **kw):
+        original(self, chunks, **kw)
         seen.append((self.committed, self.budget, self.capacity))
 
     monkeypatch.setattr(kvstore.KVStore, "commit", commit)

@@ -150,10 +150,10 @@ def test_engine_scored_policy_stays_within_budget_and_uses_query_importance(fold
     seen = []
     original = KVStore.commit
 
-    def commit(self, chunks):
+    def commit(self, chunks, **kw):
         if self.committed + sum(n for _, n in chunks) > self.budget:
             seen.append(all(i is not None and float(i.sum()) > 0 for i in self.importance))
-        original(self, chunks)
+        original(self, chunks, **kw)
         assert self.committed <= self.budget
 
     monkeypatch.setattr(KVStore, "commit", commit)

@@ -103,13 +103,14 @@ class WanFamilyBackbone:
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text: torch.Tensor,
+        text: torch.Tensor | list[torch.Tensor],
         plan: CallPlan,
         store: KVStore | None,
         fps: int | None = None,
         deep: dict | None = None,
     ) -> torch.Tensor:
-        """deep: member index -> plan with `first`, `last`, `residual`, `kv` (DeepCache partial compute,
+        """text: [B, L, D] for every member, or a list with one per computed member (prompt sections).
+        deep: member index -> plan with `first`, `last`, `residual`, `kv` (DeepCache partial compute,
         arvideo.caching.deepcache.DeepPlan); after the call `deep_residuals[j]` holds the middle-block
         residual of every member that ran the middle blocks."""
         m = self.model
@@ -128,7 +129,7 @@ class WanFamilyBackbone:
         te_dtype = next(ce.time_embedder.parameters()).dtype
         if t_emb.dtype != te_dtype:
             t_emb = t_emb.to(te_dtype)
-        temb = ce.time_embedder(t_emb).type_as(text)  # [B, F, D]
+        temb = ce.time_embedder(t_emb).to(self.dtype)  # [B, F, D] (the text's dtype)
         tproj = ce.time_proj(ce.act_fn(temb)).unflatten(-1, (6, -1))  # [B, F, 6, D]
         if self.inject_fps:
             fps_id = torch.full((b,), 0 if fps == 16 else 1, dtype=torch.long, device=x.device)
@@ -144,6 +145,13 @@ class WanFamilyBackbone:
             store.reserve(bounds[-1])
         self.kept_kv = {j: [] for j in plan.computed} if plan.keep_kv else {}
         self.deep_residuals = {}
+
+        member_text = None
+        if not isinstance(text, torch.Tensor):
+            if len(text) != len(plan.computed):
+                raise ValueError(f"{len(text)} texts for {len(plan.computed)} computed members")
+            member_text = dict(zip(plan.computed, text))
+            text = _text_spans([(plan.sizes[j] * hw, member_text[j]) for j in plan.computed])
 
         n_layers = len(m.blocks)
         lo = hi = n_layers
@@ -171,11 +179,13 @@ class WanFamilyBackbone:
                 sub_rope = (rope[0][:, t_idx], rope[1][:, t_idx])
                 sub_tproj = tproj[:, :, f_idx.to(tproj.device)]
                 x_mid = x[:, t_idx]
+                sub_text = text if member_text is None else _text_spans(
+                    [(plan.sizes[j] * hw, member_text[j]) for j in run])
             all_kept = self.kept_kv
             for layer in range(lo, hi):
                 self.kept_kv = {j: kept for j, kept in all_kept.items() if j not in shallow}
                 if run:
-                    x_mid = self._block(m.blocks[layer], layer, x_mid, text, sub_tproj, sub_rope, bounds, sub_plan,
+                    x_mid = self._block(m.blocks[layer], layer, x_mid, sub_text, sub_tproj, sub_rope, bounds, sub_plan,
                                         store, (b, len(f_idx), hw))
                 self.kept_kv = all_kept
                 for j in shallow:
@@ -216,7 +226,10 @@ class WanFamilyBackbone:
         x = (x.float().view(b, f, hw, -1) + attn_out.view(b, f, hw, -1) * gate_msa).flatten(1, 2).type_as(x)
 
         norm_x = block.norm2(x.float()).type_as(x)
-        x = x + block.attn2(norm_x, text, None, None)
+        if isinstance(text, torch.Tensor):
+            x = x + block.attn2(norm_x, text, None, None)
+        else:  # prompt sections: each span of tokens reads its own text
+            x = x + torch.cat([block.attn2(norm_x[:, s:e], t, None, None) for s, e, t in text], dim=1)
 
         norm_x = modulate(block.norm3, x, c_scale, c_shift).type_as(x)
         ff = block.ffn(norm_x)
@@ -272,6 +285,19 @@ class WanFamilyBackbone:
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _text_spans(members: list[tuple[int, torch.Tensor]]) -> list[tuple[int, int, torch.Tensor]]:
+    """[(tokens, text), ...] in token order -> [(start, end, text), ...], neighbours with the same text merged."""
+    spans: list[tuple[int, int, torch.Tensor]] = []
+    pos = 0
+    for n, t in members:
+        if spans and spans[-1][2] is t:
+            spans[-1] = (spans[-1][0], pos + n, t)
+        else:
+            spans.append((pos, pos + n, t))
+        pos += n
+    return spans
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

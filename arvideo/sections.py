@@ -1,0 +1,77 @@
+"""Prompt sections: a long video whose prompt changes at given frames.
+
+A request's `prompt` holds from frame 0; each `PromptSection(frame, prompt)` takes over from
+its frame on. A chunk is denoised under one prompt, the one in force at its first video frame,
+so a change starts at the first chunk boundary at or after the requested frame (every
+`causal_block_size x VAE temporal factor` frames: 4 for the embedded model). Chunks finished
+before a change are never affected by it (attention is block-causal), and the new prompt sees
+them as context, so the scene carries on rather than restarting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import GenerateConfig
+from .errors import ConfigError
+
+
+def first_video_frame(latent_frame: int, temporal_factor: int) -> int:
+    """First video frame decoded from `latent_frame` (latent 0 gives one frame, each later one tf)."""
+    return 0 if latent_frame == 0 else (latent_frame - 1) * temporal_factor + 1
+
+
+@dataclass(frozen=True)
+class SectionPlan:
+    """Which prompt every chunk is denoised under."""
+
+    prompts: tuple[str, ...]  # prompts[0] = the request's prompt
+    starts: tuple[int, ...]  # requested start frame of each prompt (starts[0] = 0)
+    temporal_factor: int
+
+    @classmethod
+    def from_config(cls, cfg: GenerateConfig, temporal_factor: int, chunk_starts: list[int]) -> SectionPlan:
+        """chunk_starts: the first latent frame of every chunk of the request, in order."""
+        prompts, starts = [cfg.prompt], [0]
+        for n, sec in enumerate(cfg.sections):
+            where = f"sections[{n}] (frame {sec.frame})"
+            if not sec.prompt.strip():
+                raise ConfigError(f"{where} has an empty prompt")
+            if not 0 < sec.frame < cfg.frames:
+                raise ConfigError(f"{where}: a section must start after frame 0 and before the video ends "
+                                  f"(frames={cfg.frames}); put the first prompt in `prompt`")
+            if sec.frame <= starts[-1]:
+                raise ConfigError(f"{where}: sections must be in increasing frame order "
+                                  f"(the previous one starts at frame {starts[-1]})")
+            prompts.append(sec.prompt)
+            starts.append(sec.frame)
+        plan = cls(tuple(prompts), tuple(starts), temporal_factor)
+        # every section must own at least one chunk, or its prompt would silently never be used
+        effective = plan.switch_frames(chunk_starts)
+        for n in range(1, len(starts)):
+            if effective[n] is None:
+                bounds = [first_video_frame(s, temporal_factor) for s in chunk_starts]
+                raise ConfigError(
+                    f"sections[{n - 1}] (frame {starts[n]}) gets no chunk of its own: a prompt holds for whole "
+                    f"chunks and starts at the first chunk boundary at or after its frame (chunks start at frames "
+                    f"{', '.join(map(str, bounds[:6]))}, ...); space sections further apart, or start this one "
+                    f"at or before the last chunk's first frame ({bounds[-1]})"
+                )
+        return plan
+
+    @property
+    def sectioned(self) -> bool:
+        return len(self.prompts) > 1
+
+    def section_of(self, latent_start: int) -> int:
+        """Index of the prompt a chunk starting at latent frame `latent_start` is denoised under."""
+        frame = first_video_frame(latent_start, self.temporal_factor)
+        return max(i for i, s in enumerate(self.starts) if s <= frame)
+
+    def switch_frames(self, chunk_starts: list[int]) -> list[int | None]:
+        """The video frame each prompt actually starts at (None: no chunk is denoised under it)."""
+        out: list[int | None] = [None] * len(self.starts)
+        for latent in chunk_starts:
+            i = self.section_of(latent)
+            if out[i] is None:
+                out[i] = first_video_frame(latent, self.temporal_factor)
+        return out
