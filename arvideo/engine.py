@@ -136,6 +136,8 @@ class Engine:
         )
         if kv.commit not in ("clean", "last-step"):
             raise ConfigError(f"kv.commit must be 'clean' or 'last-step', got {kv.commit!r}")
+        if kv.section_sink not in ("move", "keep"):
+            raise ConfigError(f"kv.section_sink must be 'move' or 'keep', got {kv.section_sink!r}")
         if sched.window_blocks is None:
             # never hold a whole long video in flight: one window = base_num_frames (97, SkyReels' 540P window)
             base_latent = ((sched.base_num_frames or 97) - 1) // tf + 1
@@ -348,6 +350,21 @@ class Engine:
         """Rotary frame positions of the computed members: absolute latent-frame indices."""
         return torch.cat([torch.arange(c.frame_start, c.frame_end) for c in members])
 
+    @staticmethod
+    def _steer_tokens(sections: SectionPlan, members, commits, computed, tokens_per_frame: int) -> int | None:
+        """Prompt sections: the computed tokens whose queries may steer the store's eviction (the
+        commits and the chunks in the section of the oldest in flight), so that chunks of a later
+        prompt never change what the chunks before them see; None without sections."""
+        if not sections.sectioned or len(members) == len(commits):
+            return None
+        section = sections.section_of(members[len(commits)].frame_start)
+        steer = 0
+        for j, c in enumerate(computed):
+            if j >= len(commits) and sections.section_of(c.frame_start) != section:
+                break
+            steer += c.num_frames * tokens_per_frame
+        return steer
+
     def _stream_chunks(self, r: Resolved, texts: list[torch.Tensor], sections: SectionPlan, callback,
                        resume: RunState | None, teacher=None):
         """Yields, once per tick, the (chunk index, clean latents) of chunks finished in it."""
@@ -379,8 +396,6 @@ class Engine:
         t_dtype = sampler.timesteps.dtype
         # prompt sections (kv.section_sink=move): each section's first chunk becomes the store's sink
         new_sinks = set()
-        if r.cfg.kv.section_sink not in ("move", "keep"):
-            raise ConfigError(f"kv.section_sink must be 'move' or 'keep', got {r.cfg.kv.section_sink!r}")
         if r.cfg.kv.section_sink == "move":
             first = [sections.section_of(sched.chunk_frames(i)[0]) for i in range(sched.num_chunks)]
             new_sinks = {i for i in range(1, sched.num_chunks) if first[i] != first[i - 1]}
@@ -415,6 +430,7 @@ class Engine:
                     [c.num_frames for c in members],
                     self._positions(r, store, computed),
                     commit=len(commits), context=context, keep_kv=keep_kv,
+                    steer_tokens=self._steer_tokens(sections, members, commits, computed, tokens_per_frame),
                 )
                 # DeepCache-style policies run some members through the first/last blocks only
                 deep = {j: c.policy.deep_plan(c.step) for j, c in enumerate(members)

@@ -173,11 +173,13 @@ class KVStore:
         self.keys[layer][: k.shape[0], :, start:end] = k
         self.values[layer][: v.shape[0], :, start:end] = v
 
-    def observe_queries(self, layer: int, queries: torch.Tensor, commit_tokens: int = 0) -> None:
+    def observe_queries(self, layer: int, queries: torch.Tensor, commit_tokens: int = 0,
+                        query_end: int | None = None) -> None:
         """Sees the queries [B, H, n, d] of the call's computed chunks, after its keys are written.
 
         commit_tokens: the leading tokens that belong to chunks this call commits (kv.commit=clean);
-        the rest are the chunks being denoised. When the commit may overflow the budget, scored
+        the rest are the chunks being denoised, of which only those before `query_end` steer
+        eviction (prompt sections: not a later section's). When the commit may overflow the budget, scored
         eviction records now how much the conditional pass's queries (`kv.queries`) attend to
         each key that could then be kept: softmax over those keys, averaged over the queries.
         """
@@ -188,7 +190,7 @@ class KVStore:
             self.importance = self.importance[:layer] + [None] + self.importance[layer + 1 :]
             return
         mode = self.scoring.queries
-        q = queries[0, :, :commit_tokens] if mode.startswith("commit") else queries[0, :, commit_tokens:]
+        q = queries[0, :, :commit_tokens] if mode.startswith("commit") else queries[0, :, commit_tokens:query_end]
         if mode.endswith("last-frame"):
             q = q[:, -self.tokens_per_frame :]
         imp = eviction.attention_importance(q, self.keys[layer][0, :, :end])

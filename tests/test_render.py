@@ -80,6 +80,21 @@ def test_every_job_is_validated_before_any_runs(folder, tmp_path, capsys):
         load_jobs(jobs)
 
 
+def test_a_job_may_change_its_prompt_in_sections(folder, tmp_path, capsys):
+    sections = [{"frame": 12, "prompt": RED}]
+    jobs = write_jobs(tmp_path / "jobs.yaml", [{"prompt": BLUE, "frames": 25, "seed": 1, "out": "s.npy",
+                                                "sections": sections}])
+    assert main(["render", str(jobs), "--model", str(folder), "--out-dir", str(tmp_path), "--quiet"]) == 0
+    assert np.array_equal(np.load(tmp_path / "s.npy"),
+                          reference(folder, prompt=BLUE, frames=25, seed=1, sections=sections))
+    bad = write_jobs(tmp_path / "bad.yaml", [{"prompt": BLUE, "frames": 25, "out": "ok.npy"},
+                                             {"prompt": BLUE, "frames": 25, "out": "b.npy",
+                                              "sections": [{"frame": 40, "prompt": RED}]}])
+    assert main(["render", str(bad), "--model", str(folder), "--out-dir", str(tmp_path), "--quiet"]) == 2
+    assert "job 2 (b): sections[0] (frame 40)" in capsys.readouterr().err
+    assert not (tmp_path / "ok.npy").exists()
+
+
 # -- failure isolation ----------------------------------------------------------------------------------
 def test_batch_with_a_bad_prompt_and_a_missing_model_finishes_the_rest_and_exits_1(folder, tmp_path, capsys):
     jobs = write_jobs(tmp_path / "jobs.yaml", [

@@ -171,3 +171,23 @@ def test_commit_with_sink_protects_the_new_sink_and_frees_the_old(policy):
     held = store.frame_of[0].flatten().tolist()
     assert 6 in held and 0 not in held
     assert store.committed == 4
+
+
+def test_an_unknown_section_sink_is_refused_when_the_request_is_resolved(engine):
+    with pytest.raises(ConfigError, match="section_sink"):
+        engine.resolve(_cfg(overrides=["kv.section_sink=stay"]))
+
+
+C = "a medium yellow circle on a black background"
+
+
+def test_frames_before_a_switch_do_not_depend_on_the_later_prompt_under_scored_eviction(engine):
+    # `scored` chooses what to evict from the queries of the chunks in flight; the first chunk of the
+    # new section is in flight beside the last chunk of the old one, and must not steer its context
+    kw = ["kv.policy=scored", "kv.budget_frames=2", "schedule.window_blocks=2", "kv.protect_sink=false",
+          "kv.protect_recent=false"]
+    # the switch lands on frame 19, chunk 5, which windows of 2 chunks denoise beside chunk 4
+    b = engine.generate(_cfg(frames=41, sections=[(18, B)], overrides=kw))
+    c = engine.generate(_cfg(frames=41, sections=[(18, C)], overrides=kw))
+    assert np.array_equal(b[:19], c[:19])
+    assert np.abs(b[19:].astype(int) - c[19:].astype(int)).mean() > 1.0

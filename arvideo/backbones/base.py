@@ -33,6 +33,9 @@ class CallPlan:
         (k, v) [B, H, tokens, d] kept from that chunk's last computed step.
     keep_kv: after the call, `backbone.kept_kv[j]` holds the per-layer (k, v) of every
         computed member j, for use as `context` on later ticks.
+    steer_tokens: only the queries of the first `steer_tokens` computed tokens (commits
+        included) may steer the store's eviction; None: all (prompt sections keep a later
+        section's chunks from steering what the chunks before it see).
     """
 
     sizes: list[int]
@@ -41,6 +44,7 @@ class CallPlan:
     bidirectional: bool = False
     context: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     keep_kv: bool = False
+    steer_tokens: int | None = None
 
     @property
     def computed(self) -> list[int]:

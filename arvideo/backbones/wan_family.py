@@ -174,8 +174,11 @@ class WanFamilyBackbone:
             if run:
                 t_idx = torch.cat([torch.arange(spans[j][0], spans[j][1]) for j in run]).to(x.device)
                 f_idx = torch.cat([torch.arange(spans[j][2], spans[j][3]) for j in run])
+                steer = None if plan.steer_tokens is None else sum(
+                    spans[j][1] - spans[j][0] for j in run if spans[j][1] <= plan.steer_tokens)
                 sub_plan = CallPlan(plan.sizes, plan.positions[f_idx], commit=plan.commit,
-                                    context={**plan.context, **{j: deep[j].kv for j in shallow}}, keep_kv=plan.keep_kv)
+                                    context={**plan.context, **{j: deep[j].kv for j in shallow}}, keep_kv=plan.keep_kv,
+                                    steer_tokens=steer)
                 sub_rope = (rope[0][:, t_idx], rope[1][:, t_idx])
                 sub_tproj = tproj[:, :, f_idx.to(tproj.device)]
                 x_mid = x[:, t_idx]
@@ -255,7 +258,7 @@ class WanFamilyBackbone:
             ]
         elif not plan.context:
             store.write(layer, k, v)
-            store.observe_queries(layer, q, bounds[plan.commit])
+            store.observe_queries(layer, q, bounds[plan.commit], plan.steer_tokens)
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 ks, vs = store.view(layer, e, q.shape[0])
@@ -271,7 +274,7 @@ class WanFamilyBackbone:
                     store.write(layer, k[:, :, hidden : hidden + e - s], v[:, :, hidden : hidden + e - s], offset=s)
                     spans.append((hidden, hidden + e - s, e))
                     hidden += e - s
-            store.observe_queries(layer, q, bounds[plan.commit])
+            store.observe_queries(layer, q, bounds[plan.commit], plan.steer_tokens)
             outs = []
             for hs, he, e in spans:
                 ks, vs = store.view(layer, e, q.shape[0])

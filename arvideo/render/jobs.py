@@ -186,6 +186,7 @@ def validate_jobs(jobs: list[Job]) -> None:
         try:
             r = engine.resolve(job.cfg)
             engine.make_schedule(r)
+            engine.section_plan(r)
             make_policy_factory(r.cfg.cache.preset, r.steps, engine.model.path)
         except ConfigError as exc:
             raise ConfigError(f"job {job.index + 1} ({job.name}): {exc}") from exc
