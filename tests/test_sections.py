@@ -60,8 +60,10 @@ def test_bad_sections_are_refused_with_what_to_change(sections, message):
 # -- generation --------------------------------------------------------------------------------
 def test_frames_before_the_switch_are_those_of_the_single_prompt_run(engine):
     single = engine.generate(_cfg())
+    calls = engine.model_calls
     cfg = _cfg(sections=[(14, B)])
     sectioned = engine.generate(cfg)
+    assert engine.model_calls == calls  # sections cost no extra call
     r = engine.resolve(cfg)
     switch = engine.section_plan(r).switch_frames(engine.chunk_starts(r))[1]
     assert switch == 15  # tiny VAE: 2x temporal, chunks of 2 latent frames start at frames 0, 3, 7, 11, 15
