@@ -3,9 +3,10 @@
 A request's `prompt` holds from frame 0; each `PromptSection(frame, prompt)` takes over from
 its frame on. A chunk is denoised under one prompt, the one in force at its first video frame,
 so a change starts at the first chunk boundary at or after the requested frame (every
-`causal_block_size x VAE temporal factor` frames: 4 for the embedded model). Chunks finished
-before a change are never affected by it (attention is block-causal), and the new prompt sees
-them as context, so the scene carries on rather than restarting.
+`causal_block_size x VAE temporal factor` frames: 4 for the embedded model). Chunks before a
+change never depend on its prompt (attention is block-causal, and a later section's chunks do
+not steer the KV store's eviction for them), and the new prompt sees them as context, so the
+scene carries on rather than restarting (docs/sections.md).
 """
 from __future__ import annotations
 
