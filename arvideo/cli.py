@@ -18,9 +18,9 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="text prompt (the embedded model takes shapes-world captions)")
     p.add_argument("--model", default=None, help="model folder in diffusers layout (default: embedded shapes model)")
     p.add_argument("--frames", type=int, default=None, help="number of video frames (default 48)")
-    p.add_argument("--section", nargs=2, action="append", default=None, metavar=("FRAME", "PROMPT"),
-                   help="from video frame FRAME on, generate with PROMPT instead (repeatable, increasing frames; "
-                        "starts at the next chunk boundary; docs/sections.md)")
+    p.add_argument("--section", nargs=2, action="append", default=None, metavar=("START", "PROMPT"),
+                   help="from START on (a video frame, or seconds: 5s), generate with PROMPT instead (repeatable, "
+                        "in increasing order; starts at the next chunk boundary; docs/sections.md)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
@@ -144,16 +144,17 @@ def _config_from_args(args, prompt: str | None = None):
         dtype=getattr(args, "dtype", None),
     )
     if getattr(args, "section", None):
-        values["sections"] = [{"frame": _frame_number(frame), "prompt": text} for frame, text in args.section]
+        values["sections"] = [{**_section_start(start), "prompt": text} for start, text in args.section]
     return build_config(args.config, overrides, **values)
 
 
-def _frame_number(text: str) -> int:
+def _section_start(text: str) -> dict:
+    """`--section` start: a video frame number (80) or seconds (5s, 2.5s)."""
     try:
-        return int(text)
+        return {"seconds": float(text[:-1])} if text.endswith("s") else {"frame": int(text)}
     except ValueError:
-        raise ArvideoError(f"--section takes a video frame number and a prompt, e.g. --section 80 \"a ...\"; "
-                           f"got frame {text!r}") from None
+        raise ArvideoError(f"--section takes a start (a video frame number, or seconds like 5s) and a prompt, "
+                           f"e.g. --section 80 \"a ...\" or --section 5s \"a ...\"; got {text!r}") from None
 
 
 def _start_server(port: int | None, directory: str | None):

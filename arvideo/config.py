@@ -60,11 +60,12 @@ class KVConfig:
 
 @dataclass
 class PromptSection:
-    """A prompt that takes over from `frame` on (video frames; it starts at the first chunk
-    boundary at or after that frame, arvideo/sections.py)."""
+    """A prompt that takes over from `frame` on (a video frame; or `seconds`, converted at the
+    request's fps); it starts at the first chunk boundary at or after that frame (arvideo/sections.py)."""
 
-    frame: int = 0
+    frame: int | None = None
     prompt: str = ""
+    seconds: float | None = None
 
 
 @dataclass

@@ -169,7 +169,7 @@ class Engine:
         """The prompt of every chunk (arvideo/sections.py); validates the request's sections."""
         if r.cfg.sections and r.cfg.schedule.name == "window":
             raise ConfigError("prompt sections need the diffusion-forcing or pipelined schedule, not window mode")
-        return SectionPlan.from_config(r.cfg, self.model.temporal_factor, self.chunk_starts(r))
+        return SectionPlan.from_config(r.cfg, self.model.temporal_factor, self.chunk_starts(r), r.fps)
 
     def chunk_starts(self, r: Resolved) -> list[int]:
         """First latent frame of every chunk of the request (window mode: one entry)."""

@@ -30,21 +30,27 @@ class SectionPlan:
     temporal_factor: int
 
     @classmethod
-    def from_config(cls, cfg: GenerateConfig, temporal_factor: int, chunk_starts: list[int]) -> SectionPlan:
-        """chunk_starts: the first latent frame of every chunk of the request, in order."""
+    def from_config(cls, cfg: GenerateConfig, temporal_factor: int, chunk_starts: list[int],
+                    fps: float) -> SectionPlan:
+        """chunk_starts: the first latent frame of every chunk of the request, in order; fps: the
+        request's frame rate (sections given in seconds start at round(seconds x fps))."""
         prompts, starts = [cfg.prompt], [0]
         for n, sec in enumerate(cfg.sections):
-            where = f"sections[{n}] (frame {sec.frame})"
+            if (sec.frame is None) == (sec.seconds is None):
+                raise ConfigError(f"sections[{n}]: give either frame or seconds (got frame={sec.frame}, "
+                                  f"seconds={sec.seconds})")
+            frame = sec.frame if sec.frame is not None else round(sec.seconds * fps)
+            where = f"sections[{n}] (frame {frame}" + (f" = {sec.seconds} s at {fps:g} fps)" if sec.frame is None else ")")
             if not sec.prompt.strip():
                 raise ConfigError(f"{where} has an empty prompt")
-            if not 0 < sec.frame < cfg.frames:
+            if not 0 < frame < cfg.frames:
                 raise ConfigError(f"{where}: a section must start after frame 0 and before the video ends "
                                   f"(frames={cfg.frames}); put the first prompt in `prompt`")
-            if sec.frame <= starts[-1]:
+            if frame <= starts[-1]:
                 raise ConfigError(f"{where}: sections must be in increasing frame order "
                                   f"(the previous one starts at frame {starts[-1]})")
             prompts.append(sec.prompt)
-            starts.append(sec.frame)
+            starts.append(frame)
         plan = cls(tuple(prompts), tuple(starts), temporal_factor)
         # every section must own at least one chunk, or its prompt would silently never be used
         effective = plan.switch_frames(chunk_starts)

@@ -122,6 +122,17 @@ def test_generate_with_sections_reports_where_each_prompt_starts(folder, tmp_pat
     assert np.load(npy).shape[0] == 25
 
 
+def test_a_section_may_start_in_seconds(folder, tmp_path):
+    npy, stats = tmp_path / "s.npy", tmp_path / "s.json"
+    two = "a small red circle on a navy background"
+    # the tiny model's folder says 16 fps: 0.75 s = frame 12, which snaps to the boundary at 15
+    assert main(["generate", CAPTION, "--model", str(folder), "--frames", "25", "--section", "0.75s", two,
+                 "--out", str(npy), "--stats", str(stats), "--quiet", "--no-state"]) == 0
+    import json
+
+    assert json.loads(stats.read_text())["sections"][1] == {"frame": 15, "prompt": two}
+
+
 @pytest.mark.parametrize("section, message", [(["x", "a small red circle on a navy background"], "frame number"),
                                               (["12", "a small purple circle on a navy background"], "'purple'"),
                                               (["30", "a small red circle on a navy background"], "before the video ends")])

@@ -38,9 +38,16 @@ def test_a_section_starts_at_the_first_chunk_boundary_at_or_after_its_frame():
     starts = [0, 2, 4, 6, 8]
     assert [first_video_frame(s, 4) for s in starts] == [0, 5, 13, 21, 29]
     cfg = GenerateConfig(prompt=A, frames=33, sections=[PromptSection(5, B), PromptSection(14, A)])
-    plan = SectionPlan.from_config(cfg, 4, starts)
+    plan = SectionPlan.from_config(cfg, 4, starts, fps=16)
     assert plan.switch_frames(starts) == [0, 5, 21]
     assert [plan.section_of(s) for s in starts] == [0, 1, 1, 2, 2]
+
+
+def test_a_section_may_start_in_seconds_at_the_requests_frame_rate():
+    starts = [0, 2, 4, 6, 8]
+    cfg = GenerateConfig(prompt=A, frames=33, sections=[PromptSection(prompt=B, seconds=1.0)])
+    assert SectionPlan.from_config(cfg, 4, starts, fps=16).starts == (0, 16)
+    assert SectionPlan.from_config(cfg, 4, starts, fps=24).starts == (0, 24)
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -50,11 +57,14 @@ def test_a_section_starts_at_the_first_chunk_boundary_at_or_after_its_frame():
     ([PromptSection(6, B), PromptSection(9, A)], "no chunk of its own"),  # both before the boundary at 13
     ([PromptSection(30, B)], "no chunk of its own"),  # after the last chunk's first frame (29)
     ([PromptSection(8, "  ")], "empty prompt"),
+    ([PromptSection(8, B, seconds=0.5)], "either frame or seconds"),
+    ([PromptSection(prompt=B)], "either frame or seconds"),
+    ([PromptSection(prompt=B, seconds=2.5)], r"frame 40 = 2.5 s at 16 fps\): a section must start .* before the video ends"),
 ])
 def test_bad_sections_are_refused_with_what_to_change(sections, message):
     cfg = GenerateConfig(prompt=A, frames=33, sections=sections)
     with pytest.raises(ConfigError, match=message):
-        SectionPlan.from_config(cfg, 4, [0, 2, 4, 6, 8])
+        SectionPlan.from_config(cfg, 4, [0, 2, 4, 6, 8], fps=16)
 
 
 # -- generation --------------------------------------------------------------------------------
