@@ -83,7 +83,8 @@ def test_frames_before_the_switch_are_those_of_the_single_prompt_run(engine):
     assert np.abs(sectioned[switch:].astype(int) - single[switch:].astype(int)).mean() > 1.0
 
 
-@pytest.mark.parametrize("overrides", [[], ["cache.preset=deepcache"], ["schedule.ar_step=1"]])
+@pytest.mark.parametrize("overrides", [[], ["cache.preset=deepcache"], ["schedule.ar_step=1"],
+                                       ["schedule.name=pipelined", "schedule.window_size=2"]])
 def test_a_section_with_the_same_prompt_reproduces_the_single_prompt_run(engine, overrides):
     # per-member cross-attention (one text per chunk in the call) against the shared-text path
     kw = ["kv.section_sink=keep", *overrides]
