@@ -185,7 +185,7 @@ def cmd_generate(args) -> int:
     engine.make_schedule(resolved)
     sections = engine.section_plan(resolved)
     if sections.sectioned and not args.quiet:
-        starts = sections.switch_frames(engine.chunk_starts(resolved))
+        starts = sections.switch_frames()
         print("prompt sections: " + "; ".join(f"from frame {f}: {p!r}" for f, p in zip(starts, sections.prompts)),
               file=sys.stderr)
     outs = args.out or ["video.mp4"]
@@ -244,7 +244,7 @@ def cmd_generate(args) -> int:
                  "peak_memory_bytes": peak, "device": resolved.cfg.device, "resumed_from": result.resumed_from, "outputs": outs}
         if sections.sectioned:
             stats["sections"] = [{"frame": f, "prompt": p} for f, p in zip(
-                sections.switch_frames(engine.chunk_starts(resolved)), sections.prompts)]
+                sections.switch_frames(), sections.prompts)]
         Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n")
     if not args.quiet:
         resumed = f" (resumed at frame {result.resumed_from})" if result.resumed_from else ""

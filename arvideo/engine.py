@@ -169,14 +169,12 @@ class Engine:
         """The prompt of every chunk (arvideo/sections.py); validates the request's sections."""
         if r.cfg.sections and r.cfg.schedule.name == "window":
             raise ConfigError("prompt sections need the diffusion-forcing or pipelined schedule, not window mode")
-        return SectionPlan.from_config(r.cfg, self.model.temporal_factor, self.chunk_starts(r), r.fps)
-
-    def chunk_starts(self, r: Resolved) -> list[int]:
-        """First latent frame of every chunk of the request (window mode: one entry)."""
         if r.cfg.schedule.name == "window":
-            return [0]
-        sched = self.make_schedule(r)
-        return [sched.chunk_frames(i)[0] for i in range(sched.num_chunks)]
+            starts = [0]  # one prompt, no chunks to assign
+        else:
+            sched = self.make_schedule(r)
+            starts = [sched.chunk_frames(i)[0] for i in range(sched.num_chunks)]
+        return SectionPlan.from_config(r.cfg, self.model.temporal_factor, starts, r.fps)
 
     def encode_text(self, r: Resolved, prompt_embeds=None, negative_prompt_embeds=None,
                     sections: SectionPlan | None = None) -> list[torch.Tensor]:
@@ -357,10 +355,10 @@ class Engine:
         prompt never change what the chunks before them see; None without sections."""
         if not sections.sectioned or len(members) == len(commits):
             return None
-        section = sections.section_of(members[len(commits)].frame_start)
+        section = sections.chunk_sections[members[len(commits)].index]
         steer = 0
         for j, c in enumerate(computed):
-            if j >= len(commits) and sections.section_of(c.frame_start) != section:
+            if j >= len(commits) and sections.chunk_sections[c.index] != section:
                 break
             steer += c.num_frames * tokens_per_frame
         return steer
@@ -395,10 +393,7 @@ class Engine:
         last_step = r.steps - 1
         t_dtype = sampler.timesteps.dtype
         # prompt sections (kv.section_sink=move): each section's first chunk becomes the store's sink
-        new_sinks = set()
-        if r.cfg.kv.section_sink == "move":
-            first = [sections.section_of(sched.chunk_frames(i)[0]) for i in range(sched.num_chunks)]
-            new_sinks = {i for i in range(1, sched.num_chunks) if first[i] != first[i - 1]}
+        new_sinks = sections.openers() if r.cfg.kv.section_sink == "move" else set()
         for tick_no, tick in enumerate(sched.ticks()):
             if tick_no < run.next_tick:
                 continue
@@ -442,7 +437,7 @@ class Engine:
                              and not any(c.guidance.needs_uncond() for c in computed))
                 b = 1 if cond_only else batch
                 # one text for the call, or (prompt sections) one per computed member, in call order
-                member_sections = [sections.section_of(c.frame_start) for c in computed]
+                member_sections = [sections.chunk_sections[c.index] for c in computed]
                 if len(set(member_sections)) == 1:
                     text = texts[member_sections[0]][:b]
                 else:

@@ -10,7 +10,7 @@ scene carries on rather than restarting (docs/sections.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import GenerateConfig
 from .errors import ConfigError
@@ -28,6 +28,8 @@ class SectionPlan:
     prompts: tuple[str, ...]  # prompts[0] = the request's prompt
     starts: tuple[int, ...]  # requested start frame of each prompt (starts[0] = 0)
     temporal_factor: int
+    chunk_starts: tuple[int, ...]  # first latent frame of every chunk of the request
+    chunk_sections: tuple[int, ...] = ()  # prompt index of every chunk (filled by from_config)
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig, temporal_factor: int, chunk_starts: list[int],
@@ -51,9 +53,10 @@ class SectionPlan:
                                   f"(the previous one starts at frame {starts[-1]})")
             prompts.append(sec.prompt)
             starts.append(frame)
-        plan = cls(tuple(prompts), tuple(starts), temporal_factor)
+        plan = cls(tuple(prompts), tuple(starts), temporal_factor, tuple(chunk_starts))
+        plan = replace(plan, chunk_sections=tuple(plan.section_of(c) for c in chunk_starts))
         # every section must own at least one chunk, or its prompt would silently never be used
-        effective = plan.switch_frames(chunk_starts)
+        effective = plan.switch_frames()
         for n in range(1, len(starts)):
             if effective[n] is None:
                 bounds = [first_video_frame(s, temporal_factor) for s in chunk_starts]
@@ -74,11 +77,15 @@ class SectionPlan:
         frame = first_video_frame(latent_start, self.temporal_factor)
         return max(i for i, s in enumerate(self.starts) if s <= frame)
 
-    def switch_frames(self, chunk_starts: list[int]) -> list[int | None]:
+    def switch_frames(self) -> list[int | None]:
         """The video frame each prompt actually starts at (None: no chunk is denoised under it)."""
         out: list[int | None] = [None] * len(self.starts)
-        for latent in chunk_starts:
-            i = self.section_of(latent)
+        for latent, i in zip(self.chunk_starts, self.chunk_sections):
             if out[i] is None:
                 out[i] = first_video_frame(latent, self.temporal_factor)
         return out
+
+    def openers(self) -> set[int]:
+        """Indices of the chunks that open a section (the first chunk of every prompt but the first)."""
+        c = self.chunk_sections
+        return {i for i in range(1, len(c)) if c[i] != c[i - 1]}

@@ -42,11 +42,11 @@ VARIANTS = ("move", "keep", "A only", "B alone")
 def run_pair(engine: Engine, base, seed: int, a: str, b: str, switch: int) -> dict:
     sectioned = replace(base, prompt=a, seed=seed, sections=[PromptSection(switch, b)])
     r = engine.resolve(sectioned)
-    chunk_starts = engine.chunk_starts(r)
-    start = engine.section_plan(r).switch_frames(chunk_starts)[1]
+    plan = engine.section_plan(r)
+    start = plan.switch_frames()[1]
     # the chunk before the switch: in flight beside B's first chunk (windows of 2), the only earlier one
     # whose context can differ from `A only`'s (`scored` eviction steered by its own queries alone)
-    frames_at = [first_video_frame(s, engine.model.temporal_factor) for s in chunk_starts]
+    frames_at = [first_video_frame(s, engine.model.temporal_factor) for s in plan.chunk_starts]
     before = frames_at[frames_at.index(start) - 1]
     out = {"seed": seed, "a": a, "b": b, "switch": start, "chunk_before": before}
     videos = {}

@@ -39,8 +39,9 @@ def test_a_section_starts_at_the_first_chunk_boundary_at_or_after_its_frame():
     assert [first_video_frame(s, 4) for s in starts] == [0, 5, 13, 21, 29]
     cfg = GenerateConfig(prompt=A, frames=33, sections=[PromptSection(5, B), PromptSection(14, A)])
     plan = SectionPlan.from_config(cfg, 4, starts, fps=16)
-    assert plan.switch_frames(starts) == [0, 5, 21]
-    assert [plan.section_of(s) for s in starts] == [0, 1, 1, 2, 2]
+    assert plan.switch_frames() == [0, 5, 21]
+    assert plan.chunk_sections == (0, 1, 1, 2, 2) == tuple(plan.section_of(s) for s in starts)
+    assert plan.openers() == {1, 3}
 
 
 def test_a_section_may_start_in_seconds_at_the_requests_frame_rate():
@@ -75,7 +76,7 @@ def test_frames_before_the_switch_are_those_of_the_single_prompt_run(engine):
     sectioned = engine.generate(cfg)
     assert engine.model_calls == calls  # sections cost no extra call
     r = engine.resolve(cfg)
-    switch = engine.section_plan(r).switch_frames(engine.chunk_starts(r))[1]
+    switch = engine.section_plan(r).switch_frames()[1]
     assert switch == 15  # tiny VAE: 2x temporal, chunks of 2 latent frames start at frames 0, 3, 7, 11, 15
     # block-causal attention: nothing before the switch changes, though the chunk before it was
     # denoised in the same calls as the first chunk of the new prompt
@@ -226,3 +227,17 @@ def test_bench_sections_script_runs_and_scores_both_parts(folder, tmp_path):
         assert set(r["move"]) >= {"adherence", "persistence", "adherence_to_a"}
         assert r["diff_before"] == 0  # frames before the chunk preceding the switch: the no-switch video's
     assert "| move |" in proc.stdout and "| B alone |" in proc.stdout
+
+
+def test_states_saved_before_sections_existed_keep_their_fingerprint(engine):
+    # requests without sections hash as before the keys existed (a saved run state stays resumable);
+    # with sections, both the sections and kv.section_sink are part of the request
+    from arvideo.state import request_fingerprint
+
+    def fp(cfg):
+        return request_fingerprint(engine.resolve(cfg), "m")
+
+    assert fp(_cfg(overrides=["kv.section_sink=keep"])) == fp(_cfg(overrides=["kv.section_sink=move"]))
+    with_sections = _cfg(sections=[(14, B)])
+    assert fp(with_sections) != fp(_cfg())
+    assert fp(_cfg(sections=[(14, B)], overrides=["kv.section_sink=keep"])) != fp(with_sections)
