@@ -195,11 +195,17 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        shadow, current = [], []
         for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
+            if v.dtype == self.shadow[k].dtype and v.dtype.is_floating_point and v.device == self.shadow[k].device:
+                shadow.append(self.shadow[k])
+                current.append(v.detach())
+            elif v.dtype.is_floating_point:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)
+        if shadow:  # one fused update for the float32 tensors (per-tensor launches dominate small models on a GPU)
+            torch._foreach_lerp_(shadow, current, 1 - d)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
@@ -285,9 +291,16 @@ def build_scheduler(flow_shift: float):
 
 
 def build_vae_from_checkpoint(path: Path, device: str = "cpu"):
-    """The trained AutoencoderKLWan with `latents_mean` / `latents_std` from its checkpoint's statistics."""
+    """The trained AutoencoderKLWan with `latents_mean` / `latents_std` from its checkpoint's statistics.
+
+    `path` is a train_vae.py checkpoint, or an exported model folder (its `vae/`), e.g. models/shapes-df."""
     from diffusers import AutoencoderKLWan
 
+    path = Path(path)
+    if path.is_dir():
+        sub = path / "vae" if (path / "vae" / "config.json").exists() else path
+        vae = AutoencoderKLWan.from_pretrained(sub).to(device)
+        return vae.eval().requires_grad_(False), dict(config=dict(vae.config), folder=str(sub))
     ck = torch.load(path, map_location=device, weights_only=False)
     if "latents_mean" not in ck:
         raise SystemExit(f"{path} has no latent statistics: let train_vae.py finish (it computes them at the end)")
@@ -306,3 +319,21 @@ def assemble_pipeline(vae, text_encoder, tokenizer, transformer, flow_shift: flo
         vae=vae,
         scheduler=build_scheduler(flow_shift),
     )
+
+
+def checkpoint_from_folder(folder: Path) -> dict:
+    """An exported model folder as a train_transformer.py checkpoint for `--init`: its transformer and text
+    encoder weights as the EMA shadow, the transformer config, and the training behind them (arvideo.json)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+    from transformers import T5EncoderModel
+
+    folder = Path(folder)
+    transformer = SkyReelsV2Transformer3DModel.from_pretrained(folder / "transformer")
+    text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder")
+    state = torch.nn.ModuleDict(dict(transformer=transformer, text_encoder=text_encoder)).state_dict()
+    keys = set(TRANSFORMER_CONFIG) | {"num_frame_per_block"}
+    config = {k: (tuple(v) if k == "patch_size" else v) for k, v in transformer.config.items() if k in keys}
+    info = json.loads((folder / "arvideo.json").read_text()) if (folder / "arvideo.json").exists() else {}
+    return dict(ema=dict(shadow={k: v.float() for k, v in state.items()}), transformer_config=config,
+                step=int(info.get("trained_steps", 0)), wall_s=60.0 * float(info.get("trained_minutes", 0.0)),
+                args=dict(clip_latents=info.get("train_clip_latent_frames", 8), context_noise=info.get("context_noise", 20.0)))

@@ -50,6 +50,7 @@ from _train_common import (
     build_tokenizer,
     build_transformer,
     build_vae_from_checkpoint,
+    checkpoint_from_folder,
     count_params,
     encode_tokens,
     setup_torch,
@@ -65,36 +66,73 @@ EVAL_SEEDS = (3, 11, 5)  # held-out worlds (training pool seeds are >= 1000)
 # --- latent pool ---
 
 
+def render_clips(job: tuple) -> tuple[np.ndarray, list[str], torch.Tensor]:
+    """World clips for (world seeds, start frames, frames, temporal factor, spatial factor): uint8 clips,
+    captions and object masks. Runs in the pool's worker processes (numpy and CPU torch only)."""
+    seeds, starts, frames, tf, sf = job
+    torch.set_num_threads(1)
+    clips, captions, masks = [], [], []
+    for seed, start in zip(seeds, starts):
+        world = sample_world(int(seed))
+        clip = world.clip(int(start), frames)
+        clips.append(clip)
+        captions.append(world.spec.caption)
+        masks.append(object_mask(clip, world.spec.background_rgb, tf, sf))
+    return np.stack(clips), captions, torch.stack(masks)
+
+
 @torch.no_grad()
-def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4) -> dict:
-    """Encode `num_clips` random world clips: normalised latents [N, C, 1 + (frames-1)/2, 16, 16] and captions."""
+def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4, workers: int = 0,
+               device: torch.device | str = "cpu") -> dict:
+    """Encode `num_clips` random world clips: normalised latents [N, C, 1 + (frames-1)/2, 16, 16] and captions.
+
+    `workers` > 0 renders the clips in that many processes (started before the VAE moves to `device`);
+    the VAE encodes on `device`, and the pool stays there. The clips depend on `seed` alone."""
     rng = np.random.default_rng(seed)
+    tf, sf = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    jobs = []
+    for i in range(0, num_clips, batch):
+        n = min(batch, num_clips - i)
+        seeds, starts = [], []
+        for _ in range(n):  # the draw order of the single-process version: seed, then start, per clip
+            seeds.append(int(rng.integers(1000, 10**8)))
+            starts.append(int(rng.integers(0, 4000)))
+        jobs.append((seeds, starts, frames, tf, sf))
+    procs = None
+    if workers > 0:
+        import multiprocessing as mp
+
+        procs = mp.get_context("fork").Pool(workers)
+        rendered = procs.imap(render_clips, jobs)
+    else:
+        rendered = map(render_clips, jobs)
+    device = torch.device(device)
+    vae = vae.to(device)
     z_dim = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, z_dim, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, z_dim, 1, 1, 1)
     latents, masks, captions = [], [], []
     t0 = time.time()
-    for i in range(0, num_clips, batch):
-        clips = []
-        for _ in range(min(batch, num_clips - i)):
-            world = sample_world(int(rng.integers(1000, 10**8)))
-            clip = world.clip(int(rng.integers(0, 4000)), frames)
-            clips.append(clip)
-            captions.append(world.spec.caption)
-            masks.append(object_mask(clip, world.spec.background_rgb, vae))
-        z = vae.encode(to_video_tensor(np.stack(clips))).latent_dist.mode()
+    done = 0
+    for k, (clips, caps, m) in enumerate(rendered):
+        z = vae.encode(to_video_tensor(clips).to(device)).latent_dist.mode()
         latents.append(((z - mean) * inv_std).half())
-        if (i // batch) % 25 == 0:
-            print(f"pool: {i + len(clips)}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
-    return dict(latents=torch.cat(latents), masks=torch.stack(masks), captions=captions, frames=frames)
+        masks.append(m.to(device))
+        captions.extend(caps)
+        done += len(caps)
+        if k % 25 == 0:
+            print(f"pool: {done}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
+    if procs is not None:
+        procs.close()
+    print(f"pool: {done} clips in {time.time() - t0:.0f}s", flush=True)
+    return dict(latents=torch.cat(latents), masks=torch.cat(masks), captions=captions, frames=frames)
 
 
-def object_mask(clip: np.ndarray, background_rgb, vae) -> torch.Tensor:
+def object_mask(clip: np.ndarray, background_rgb, tf: int, sf: int) -> torch.Tensor:
     """[1, latent frames, h, w] uint8: 1 where a latent cell (and its 8 neighbours) covers any object pixel.
 
-    Latent frame 0 is video frame 0; latent frame j > 0 covers frames 2j-1, 2j (temporal factor 2)."""
-    tf = vae.config.scale_factor_temporal
-    sf = vae.config.scale_factor_spatial
+    Latent frame 0 is video frame 0; latent frame j > 0 covers frames tf*j-1, tf*j (temporal factor tf = 2);
+    sf is the VAE's spatial factor."""
     obj = torch.from_numpy(np.abs(clip.astype(np.int16) - np.array(background_rgb, np.int16)).sum(-1) > 0)
     obj = obj.float()[None]  # [1, F, H, W]
     first, rest = obj[:, :1], obj[:, 1:]
@@ -140,13 +178,21 @@ def main() -> None:
                    help="unix time to stop at; overrides --minutes with the time left once the pool is built")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and reuse OUT/pool.pt)")
     p.add_argument("--init", type=Path, default=None,
-                   help="start from this checkpoint's EMA weights (and its transformer config) with a fresh "
-                        "optimiser, step count and pool: a new run that continues a previous model")
+                   help="start from this checkpoint's EMA weights (and its transformer config), or from an exported "
+                        "model folder's weights (e.g. models/shapes-df), with a fresh optimiser, step count and pool: "
+                        "a new run that continues a previous model")
+    p.add_argument("--heads", type=int, default=None, help="new model: attention heads (x 64 channels each)")
+    p.add_argument("--layers", type=int, default=None, help="new model: transformer blocks")
+    p.add_argument("--ffn-dim", type=int, default=None, help="new model: feed-forward width")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip = kv window")
     p.add_argument("--causal-block-size", type=int, default=TRANSFORMER_CONFIG["num_frame_per_block"])
     p.add_argument("--pool-clips", type=int, default=400, help="world clips encoded once into the latent pool")
     p.add_argument("--pool-frames", type=int, default=33, help="video frames per pool clip (1 + 4k)")
+    p.add_argument("--pool", type=Path, default=None,
+                   help="latent pool file (default OUT/pool.pt); built and saved if missing, else loaded, so runs "
+                        "side by side can share one")
+    p.add_argument("--pool-workers", type=int, default=0, help="processes rendering the pool's world clips")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--ema", type=float, default=0.995)
@@ -176,19 +222,24 @@ def main() -> None:
 
     setup_torch(args.threads, args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     vae, _ = build_vae_from_checkpoint(args.vae)
     cbs, T = args.causal_block_size, args.clip_latents
     if T % cbs:
         raise SystemExit(f"--clip-latents {T} must be a multiple of --causal-block-size {cbs}")
 
-    pool_path = args.out / "pool.pt"
-    if args.resume and pool_path.exists():
-        pool = torch.load(pool_path, weights_only=False)
+    pool_path = args.pool or args.out / "pool.pt"
+    if pool_path.exists() and (args.resume or args.pool is not None):
+        pool = torch.load(pool_path, map_location=device, weights_only=False)
     else:
-        pool = build_pool(vae, args.pool_clips, args.pool_frames, seed=args.seed + 1)
+        pool = build_pool(vae, args.pool_clips, args.pool_frames, seed=args.seed + 1, batch=max(4, args.batch // 4),
+                          workers=args.pool_workers, device=device)
         atomic_save(pool, pool_path)
-    latents = pool["latents"]  # [N, C, P, 16, 16] fp16, normalised
+    latents = pool["latents"].to(device)  # [N, C, P, 16, 16] fp16, normalised
     masks = pool.get("masks")  # [N, 1, P, 16, 16] uint8 object cells (older pools have none)
+    masks = masks.to(device) if masks is not None else None
     N, C, P = latents.shape[:3]
     print(f"pool: {N} clips x {P} latent frames; std {latents.float().std():.3f}", flush=True)
     if P < T:
@@ -199,11 +250,15 @@ def main() -> None:
     empty_ids, empty_mask = tokenize(tokenizer, [""], MAX_SEQUENCE_LENGTH)
 
     init = None
+    new_size = {k: v for k, v in (("num_attention_heads", args.heads), ("num_layers", args.layers),
+                                  ("ffn_dim", args.ffn_dim)) if v is not None}
     if args.init is not None:
         if args.resume:
             raise SystemExit("--init starts a new run from a checkpoint; --resume continues OUT/last.pt: give one")
-        init = torch.load(args.init, map_location="cpu", weights_only=False)
-    t_config = init["transformer_config"] if init is not None else None
+        if new_size:
+            raise SystemExit("--heads/--layers/--ffn-dim size a new model; --init continues one of a fixed size")
+        init = checkpoint_from_folder(args.init) if args.init.is_dir() else torch.load(args.init, map_location="cpu", weights_only=False)
+    t_config = init["transformer_config"] if init is not None else (dict(TRANSFORMER_CONFIG, **new_size) if new_size else None)
     model = torch.nn.ModuleDict(
         dict(transformer=build_transformer(cbs, config=t_config, channels=C), text_encoder=build_text_encoder(len(tokenizer)))
     ).to(device)
@@ -231,6 +286,8 @@ def main() -> None:
         print(f"resumed at step {step} ({wall_before / 60:.1f} min trained)", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + step)
+    # Noise is drawn where it is used (a CPU draw copied to the GPU would cost more than the step).
+    dgen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed * 1000 + step)
     log = CsvLog(args.log)
     eval_log = args.log.with_name(args.log.stem + "_eval.jsonl")
     if args.until is not None:
@@ -271,9 +328,10 @@ def main() -> None:
         b_idx = torch.randint(0, N, (args.batch,), generator=gen)
         from_zero = torch.rand(args.batch, generator=gen) < 0.5
         starts = torch.where(from_zero, 0, torch.randint(0, P - T + 1, (args.batch,), generator=gen))
-        x0 = torch.stack([latents[i, :, s : s + T] for i, s in zip(b_idx.tolist(), starts.tolist())]).float().to(device)
+        rows, frames_idx = b_idx.to(device)[:, None], (starts[:, None] + torch.arange(T)).to(device)
+        x0 = latents[rows, :, frames_idx].permute(0, 2, 1, 3, 4).float()  # [B, C, T, h, w]
         if masks is not None and args.object_weight != 1.0:
-            obj = torch.stack([masks[i, :, s : s + T] for i, s in zip(b_idx.tolist(), starts.tolist())]).float().to(device)
+            obj = masks[rows, :, frames_idx].permute(0, 2, 1, 3, 4).float()
             pix_w = 1.0 + (args.object_weight - 1.0) * obj  # [B, 1, T, h, w]
         else:
             pix_w = torch.ones_like(x0[:, :1])
@@ -284,7 +342,7 @@ def main() -> None:
         sigma_blk, ctx_blk = sample_sigmas(args.batch, nb, args, gen)
         sigma = sigma_blk.repeat_interleave(cbs, dim=1).to(device)  # [B, T]
         ctx = ctx_blk.repeat_interleave(cbs, dim=1).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=dgen, device=device)
         s5 = sigma[:, None, :, None, None]
         xt = (1 - s5) * x0 + s5 * noise
         timestep = sigma * 1000.0
@@ -314,11 +372,11 @@ def main() -> None:
         opt.step()
         ema.update(model)
         step += 1
-        running.append(loss.item())
+        running.append(loss.detach())  # read at log time: a .item() per step would wait for the GPU
 
         if step % args.log_every == 0:
             row = dict(step=step, wall_s=round(wall_before + clock.elapsed(), 1), lr=f"{lr:.2e}",
-                       loss=round(float(np.mean(running)), 5), grad_norm=round(gn.item(), 3))
+                       loss=round(torch.stack(running).mean().item(), 5), grad_norm=round(gn.item(), 3))
             running = []
             log.write(row)
             print(row, flush=True)
