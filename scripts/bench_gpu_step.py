@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--out", default="docs/gpu.md")
+    ap.add_argument("--peers-json", default="docs/benchmarks/peers.json",
+                    help="write the result as this file's \"gpu\" entry (issue 6's schema; '' to skip)")
     args = ap.parse_args(argv)
     from diffusers import SkyReelsV2Transformer3DModel
 
@@ -152,7 +154,23 @@ def main(argv=None) -> int:
                        "../shared/methods.md section 7 (H100: 1.51 s bidirectional, 2.62 s dense causal mask).\n")
     with out.open("a") as f:
         f.write(text_out)
+    if args.peers_json and not args.tiny:
+        write_peers_gpu(Path(args.peers_json), result, args)
     return 0
+
+
+def write_peers_gpu(path: Path, result: dict, args) -> None:
+    """The "gpu" entry of peers.json: arvideo's full-compute step is the KV-cached block step (what a
+    streaming run repeats); its share of the measured matmul rate is `full_step_mfu`."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    step = next(r for r in result["rows"] if r["case"].startswith("arvideo one block step"))
+    data["gpu"] = dict(result, full_step_mfu=step["mfu"], model="SkyReels-V2 1.3B size, random weights (speed only)",
+                       dtype=args.dtype, height=args.height, width=args.width, frames=args.frames, block=args.block,
+                       command="python scripts/bench_gpu_step.py", torch=torch.__version__,
+                       diffusers=__import__("diffusers").__version__)
+    data.pop("gpu_note", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")  # bench_peers.py writes indent 1 too
 
 
 if __name__ == "__main__":
