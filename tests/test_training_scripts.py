@@ -59,15 +59,57 @@ def test_vae_transformer_init_resume_export_then_load(tmp_path):
                                           overrides=["sampler.steps=2"]))
     assert frames.shape == (7, 64, 64, 3) and frames.dtype == np.uint8
 
+    # An exported folder is a starting point too (how v5 continued the shipped weights): its weights
+    # come back exactly as the EMA they were exported from, and the training behind them is counted.
+    import torch
 
-def _train_vae_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from _train_common import checkpoint_from_folder
+
+    folder_ck = checkpoint_from_folder(model)
+    ema = torch.load(tmp_path / "df2" / "last.pt", map_location="cpu", weights_only=False)["ema"]["shadow"]
+    assert folder_ck["ema"]["shadow"].keys() == ema.keys()
+    assert all(torch.equal(folder_ck["ema"]["shadow"][k], ema[k].float()) for k in ema)
+    assert folder_ck["step"] == 5
+    out = run("train_transformer.py", "--vae", model, "--init", model, "--out", tmp_path / "df3", "--steps", 1,
+              "--batch", 2, "--pool-clips", 2, "--pool-frames", 17, "--pool-workers", 1, "--eval-every-min", 0,
+              "--threads", 1, "--log", tmp_path / "df3.csv")
+    assert f"initialised from the EMA weights of {model}" in out
+    run("export_model.py", "--vae", model, "--df", tmp_path / "df3" / "last.pt", "--out", tmp_path / "model3")
+    assert json.loads((tmp_path / "model3" / "arvideo.json").read_text())["trained_steps"] == 5 + 1
+
+
+def test_pool_rendered_by_worker_processes_equals_the_single_process_pool():
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    module = _load_script("train_transformer")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from _train_common import VAE_CONFIG
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * 16, latents_std=[1.0] * 16).eval()
+    one = module.build_pool(vae, num_clips=5, frames=9, seed=3, batch=2)
+    many = module.build_pool(vae, num_clips=5, frames=9, seed=3, batch=2, workers=2)
+    assert one["captions"] == many["captions"] and len(one["captions"]) == 5
+    assert torch.equal(one["latents"], many["latents"]) and torch.equal(one["masks"], many["masks"])
+    other = module.build_pool(vae, num_clips=5, frames=9, seed=4, batch=2)
+    assert not torch.equal(one["latents"], other["latents"])  # the seed, not the batching, picks the clips
+
+
+def _load_script(name: str):
     import importlib.util
 
-    sys.path.insert(0, str(ROOT / "scripts"))  # train_vae imports its sibling _train_common
-    spec = importlib.util.spec_from_file_location("train_vae", ROOT / "scripts" / "train_vae.py")
+    sys.path.insert(0, str(ROOT / "scripts"))  # the scripts import their sibling _train_common
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # worker processes find functions by module name when pickling them
     spec.loader.exec_module(module)
     return module
+
+
+def _train_vae_module():
+    return _load_script("train_vae")
 
 
 def test_vae_palette_hinge_counts_only_solid_pixels_beyond_the_margin():
