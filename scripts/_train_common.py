@@ -335,5 +335,4 @@ def checkpoint_from_folder(folder: Path) -> dict:
     config = {k: (tuple(v) if k == "patch_size" else v) for k, v in transformer.config.items() if k in keys}
     info = json.loads((folder / "arvideo.json").read_text()) if (folder / "arvideo.json").exists() else {}
     return dict(ema=dict(shadow={k: v.float() for k, v in state.items()}), transformer_config=config,
-                step=int(info.get("trained_steps", 0)), wall_s=60.0 * float(info.get("trained_minutes", 0.0)),
-                args=dict(clip_latents=info.get("train_clip_latent_frames", 8), context_noise=info.get("context_noise", 20.0)))
+                step=int(info.get("trained_steps", 0)), wall_s=60.0 * float(info.get("trained_minutes", 0.0)))

@@ -124,6 +124,7 @@ def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4, work
             print(f"pool: {done}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
     if procs is not None:
         procs.close()
+        procs.join()
     print(f"pool: {done} clips in {time.time() - t0:.0f}s", flush=True)
     return dict(latents=torch.cat(latents), masks=torch.cat(masks), captions=captions, frames=frames)
 

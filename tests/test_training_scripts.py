@@ -93,6 +93,9 @@ def test_pool_rendered_by_worker_processes_equals_the_single_process_pool():
     many = module.build_pool(vae, num_clips=5, frames=9, seed=3, batch=2, workers=2)
     assert one["captions"] == many["captions"] and len(one["captions"]) == 5
     assert torch.equal(one["latents"], many["latents"]) and torch.equal(one["masks"], many["masks"])
+    rebatched = module.build_pool(vae, num_clips=5, frames=9, seed=3, batch=3, workers=2)
+    assert rebatched["captions"] == one["captions"] and torch.equal(rebatched["masks"], one["masks"])
+    torch.testing.assert_close(rebatched["latents"], one["latents"], rtol=0, atol=1e-3)  # fp16; VAE batch size only
     other = module.build_pool(vae, num_clips=5, frames=9, seed=4, batch=2)
     assert not torch.equal(one["latents"], other["latents"])  # the seed, not the batching, picks the clips
 
@@ -108,14 +111,10 @@ def _load_script(name: str):
     return module
 
 
-def _train_vae_module():
-    return _load_script("train_vae")
-
-
 def test_vae_palette_hinge_counts_only_solid_pixels_beyond_the_margin():
     import torch
 
-    tv = _train_vae_module()
+    tv = _load_script("train_vae")
     x, w, solid = tv.sample_batch(np.random.default_rng(0), 2, 5, 1000, 2000, crop=64)
     assert x.shape[2:] == solid.shape[2:] and solid.shape[1] == 1
     # solid = exactly the background or a captioned object's colour: the anti-aliased edges are not
