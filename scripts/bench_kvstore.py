@@ -257,6 +257,17 @@ def quality(args) -> None:
             if rec["frames"] == args.frames[0] and rec["model"] == args.model:
                 done[(tuple(rec["variant"]), rec["world_seed"], tuple(rec["overrides"]))] = rec["result"]
         print(f"{len(done)} run(s) taken from {journal}", flush=True)
+    for path in args.reuse:
+        # videos of an earlier, completed run (its --json rows): the same frames, seed and overrides
+        # make the same video, so a new policy can be compared with old ones without re-running them
+        # (the caller vouches that the model folder has not changed since; the table says what was reused)
+        n = len(done)
+        for row in json.loads(Path(path).read_text()):
+            if row["frames"] == args.frames[0] and tuple(row["variant"]) in variants:
+                result = {k: v for k, v in row.items() if k != "variant"}
+                done.setdefault((tuple(row["variant"]), row["seed"], tuple(row["set"])), result)
+        print(f"{len(done) - n} run(s) taken from {path}", flush=True)
+    reused = set(done)
     lock = threading.Lock()
 
     def run(job):
@@ -276,7 +287,9 @@ def quality(args) -> None:
     lines = [
         f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
         f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; captions: held-out world seeds "
-        f"{args.seed}..{args.seed + args.captions - 1}; {args.jobs} run(s) at a time)",
+        f"{args.seed}..{args.seed + args.captions - 1}; {args.jobs} run(s) at a time"
+        + (f"; {sum(1 for j in jobs if (j[0], j[1], tuple(j[2])) in reused)} of the {len(jobs)} videos taken "
+           f"from earlier runs: {', '.join(args.reuse)}" if args.reuse else "") + ")",
         "",
         "| policy | positions | " + " | ".join(METRICS) + " | KV store MiB | peak RSS MiB | s / video |",
         "| --- | --- |" + " ---: |" * (len(METRICS) + 3),
@@ -362,6 +375,9 @@ def main() -> None:
     p.add_argument("--section", default=None, help="docs/kvstore.md section to write (default: the mode)")
     p.add_argument("--json", default=None, help="also write raw rows here (quality: finished videos are journaled to "
                    "JSON.partial.jsonl until the run completes; an interrupted run started again reuses them)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
+                   help="quality: take videos already scored in these earlier --json outputs (same frames, seed, "
+                   "policy, positions and --set) instead of generating them again")
     p.add_argument("--variants", nargs="+", default=["scored/absolute", "window/absolute", "sink-window/absolute",
                                                       "scored/reindexed", "sink-window/reindexed"],
                    help="fidelity: policy/positions pairs compared with full/absolute")

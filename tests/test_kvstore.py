@@ -255,7 +255,7 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_child", fake_child)
     monkeypatch.setattr(bench, "publish", lambda args, section, lines, rows: published.append(rows))
     args = argparse.Namespace(policies=["scored", "window"], positions=["reindexed"], captions=2, seed=10_000,
-                              set=[], jobs=1, frames=[9], model=None, json=str(tmp_path / "q.json"))
+                              set=[], jobs=1, frames=[9], model=None, json=str(tmp_path / "q.json"), reuse=[])
     with pytest.raises(RuntimeError):
         bench.quality(args)
     journal = tmp_path / "q.json.partial.jsonl"
@@ -267,6 +267,47 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     bench.quality(args)
     assert len(calls) == 4 and calls[-1][0] == 10_001  # 3 before the interruption + the 1 missing video
     assert len(published[-1]) == 4 and not journal.exists()
+
+
+def test_quality_benchmark_reuses_the_videos_of_an_earlier_run(tmp_path, monkeypatch):
+    """`--reuse OLD.json` takes the videos an earlier run already scored (same frames, seed, policy and
+    overrides) and generates only the rest, so a new policy is compared with old ones paired by caption."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location("bench_kvstore_reuse_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls, published = [], []
+
+    def fake_child(model, frames, seed, overrides, score):
+        calls.append((seed, tuple(overrides)))
+        return {"frames": frames, "seed": seed, "set": overrides, "kv_bytes_max": 1, "peak_rss_mib": 1.0,
+                "seconds": 1.0, **{m: 0.5 for m in bench.METRICS}}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "publish", lambda args, section, lines, rows: published.append((lines, rows)))
+
+    def run(policies, frames, overrides, reuse):
+        bench.quality(argparse.Namespace(policies=policies, positions=["reindexed"], captions=2, seed=10_000,
+                                         set=overrides, jobs=1, frames=[frames], model=None, json=None, reuse=reuse))
+
+    run(["scored", "window"], 9, ["cache.preset=fast"], [])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(published[-1][1]))
+    calls.clear()
+    run(["scored", "window", "full"], 9, ["cache.preset=fast"], [str(old)])
+    assert sorted(calls) == [(10_000, ("kv.policy=full", "kv.positions=reindexed", "cache.preset=fast")),
+                             (10_001, ("kv.policy=full", "kv.positions=reindexed", "cache.preset=fast"))]
+    assert len(published[-1][1]) == 6 and "4 of the 6 videos taken from earlier runs" in published[-1][0][0]
+    # another length or other overrides are other videos: nothing is reused
+    calls.clear()
+    run(["scored"], 17, ["cache.preset=fast"], [str(old)])
+    run(["scored"], 9, [], [str(old)])
+    assert len(calls) == 4
 
 
 def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tmp_path):
