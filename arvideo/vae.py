@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm, unpatchify
 
@@ -76,18 +77,58 @@ def _fast_cpu_active(owner: torch.nn.Module, x: torch.Tensor, param: torch.Tenso
             and param.dtype == torch.float32 and not torch.is_grad_enabled())
 
 
+def _channels_last_weight(conv: torch.nn.Conv3d):
+    """`conv.weight` in channels-last layout, converted once and again only when the weight changes."""
+    cache: dict = {}
+
+    def get(weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version)
+        if cache.get("key") != key:
+            cache["key"], cache["weight"] = key, weight.contiguous(memory_format=_CHANNELS_LAST)
+        return cache["weight"]
+
+    return get
+
+
+def _onednn(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    return torch.mkldnn_convolution(x.contiguous(memory_format=_CHANNELS_LAST), weight, conv.bias, padding,
+                                    list(conv.stride), list(conv.dilation), conv.groups)
+
+
 def _onednn_conv_forward(conv: torch.nn.Conv3d, owner: torch.nn.Module):
     """A `_conv_forward` for `conv` that runs oneDNN's convolution on channels-last activations for CPU
     float32 inference while `owner`'s flag is set, and the module's own otherwise (GPU, other dtypes,
     autograd). The output stays channels-last, so the next convolution takes it without a copy."""
-    generic = conv._conv_forward
+    generic, weight_cl = conv._conv_forward, _channels_last_weight(conv)
 
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _fast_cpu_active(owner, x, weight):
-            return torch.mkldnn_convolution(x.contiguous(memory_format=_CHANNELS_LAST),
-                                            weight.contiguous(memory_format=_CHANNELS_LAST), bias,
-                                            list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if _fast_cpu_active(owner, x, weight) and weight is conv.weight and bias is conv.bias:
+            return _onednn(conv, x, weight_cl(weight), list(conv.padding))
         return generic(x, weight, bias)
+
+    return forward
+
+
+def _causal_conv_forward(conv: WanCausalConv3d, owner: torch.nn.Module):
+    """A `forward` for a `WanCausalConv3d` that gives its spatial zero padding to oneDNN instead of
+    materialising a padded copy (`F.pad`: a fill and a copy of the whole activation, a tenth of the
+    decode), on the fast path; the module's own otherwise. The causal time padding (cached frames,
+    else zeros) is built as diffusers builds it."""
+    generic, weight_cl = conv.forward, _channels_last_weight(conv)
+    w_pad, w_pad_right, h_pad, h_pad_bottom, _, t_pad_after = conv._padding
+    if (w_pad, h_pad, 0) != (w_pad_right, h_pad_bottom, t_pad_after):  # pragma: no cover - not a Wan layout
+        return generic
+
+    def forward(x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if not _fast_cpu_active(owner, x, conv.weight):
+            return generic(x, cache_x)
+        t_pad = conv._padding[4]
+        if cache_x is not None and t_pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            t_pad -= cache_x.shape[2]
+        if t_pad > 0:
+            x = F.pad(x, (0, 0, 0, 0, t_pad, 0))
+        return _onednn(conv, x, weight_cl(conv.weight), [0, h_pad, w_pad])
 
     return forward
 
@@ -115,7 +156,9 @@ def use_fast_cpu_path(module: torch.nn.Module, enabled: bool = True) -> bool:
         return False
     if not hasattr(module, FAST_CPU_FLAG):
         for m in module.modules():
-            if isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            if isinstance(m, WanCausalConv3d) and tuple(m.padding) == (0, 0, 0) and m.padding_mode == "zeros":
+                m.forward = _causal_conv_forward(m, module)
+            elif isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
                 m._conv_forward = _onednn_conv_forward(m, module)
             elif isinstance(m, WanRMS_norm) and m.channel_first:
                 m.forward = _rms_norm_forward(m, module)
@@ -133,12 +176,13 @@ def _hook_pre_forward(vae: AutoencoderKLWan) -> None:
 class StreamingDecoder:
     """Decodes a video's latents chunk by chunk, carrying the causal-conv cache between calls."""
 
-    def __init__(self, vae: AutoencoderKLWan, fast_cpu: bool = True) -> None:
+    def __init__(self, vae: AutoencoderKLWan, fast_cpu: bool = True, pixels_per_call: int = 2**16) -> None:
         if not isinstance(vae, AutoencoderKLWan):
             raise ConfigError(f"StreamingDecoder needs a diffusers AutoencoderKLWan, got {type(vae).__name__}")
         self.vae = vae
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.fast_cpu = fast_cpu
+        self.pixels_per_call = pixels_per_call
         self.reset()
 
     def reset(self) -> None:
@@ -181,6 +225,14 @@ class StreamingDecoder:
             return 0
         return 1 + (num_latent_frames - 1) * self.temporal_factor
 
+    def latent_frames_per_call(self, latent_height: int, latent_width: int) -> int:
+        """How many latent frames one decoder call takes after a video's first: as many as keep its output
+        within `pixels_per_call` (frames x height x width), at least one. On the shipped 64 x 64 model
+        that is 8 (a whole chunk), about 1.15-1.25x faster on CPU than one at a time; at 540p it is one,
+        as diffusers decodes, so activation memory does not grow."""
+        per_latent = self.temporal_factor * latent_height * latent_width * self.spatial_factor ** 2
+        return max(1, self.pixels_per_call // per_latent)
+
     @property
     def frames_decoded(self) -> int:
         """Frames produced since the last `reset()`."""
@@ -211,14 +263,21 @@ class StreamingDecoder:
         z = denormalise_latents(self.vae, latents.to(param.device, param.dtype))
         # post_quant_conv has a 1x1x1 kernel: no temporal context, safe to apply per chunk.
         x = self.vae.post_quant_conv(z)
-        for i in range(x.shape[2]):
+        i = 0
+        while i < x.shape[2]:
+            # A video's first latent frame goes alone (it decodes to one frame: the upsamplers mark their
+            # caches "Rep" on it); later ones go `n` at a time, which the causal caches make equal to one at
+            # a time (tests/test_vae.py) in fewer, larger operations.
+            n = 1 if self._latent_frames_seen == 0 else self.latent_frames_per_call(x.shape[-2], x.shape[-1])
+            part = x[:, :, i : i + n]
             out = self.vae.decoder(
-                x[:, :, i : i + 1],
+                part,
                 feat_cache=self._feat_map,
                 feat_idx=[0],
                 first_chunk=self._latent_frames_seen == 0,
             )
-            self._latent_frames_seen += 1
+            self._latent_frames_seen += part.shape[2]
+            i += part.shape[2]
             if self.vae.config.patch_size is not None:
                 out = unpatchify(out, patch_size=self.vae.config.patch_size)
             yield torch.clamp(out, min=-1.0, max=1.0)

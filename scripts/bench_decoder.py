@@ -2,9 +2,13 @@
 
 Decodes the same random latents (a video of `--latent-frames` latent frames, streamed in chunks of
 `--chunk` latent frames as the engine does) with
-  - `torch`: `StreamingDecoder(fast_cpu=False)`, the decoder as diffusers runs it (torch's generic
-    3-D convolution, `F.normalize` RMS norm), chunk by chunk;
-  - `fast`: `StreamingDecoder()`, oneDNN channels-last convolutions and the one-reduction RMS norm;
+  - `torch`: `StreamingDecoder(fast_cpu=False, pixels_per_call=1)`, the decoder as diffusers runs it
+    (torch's generic 3-D convolution with `F.pad` padding, `F.normalize` RMS norm, one latent frame
+    per decoder call), chunk by chunk;
+  - `fast, 1 per call`: the CPU fast path alone (oneDNN channels-last convolutions that pad the
+    borders themselves, the one-reduction RMS norm), still one latent frame per decoder call;
+  - `fast`: `StreamingDecoder()`, the default: the fast path and a whole chunk per decoder call
+    (up to `pixels_per_call`);
   - `diffusers`: `AutoencoderKLWan.decode` of the whole latent video at once (what the diffusers
     pipeline does at the end of a video);
 alternating the order every repeat, and reports the median time, ms per output frame, the speedup
@@ -50,8 +54,8 @@ def main() -> None:
     h = w = 16
     latents = torch.randn(1, vae.config.z_dim, args.latent_frames, h, w, generator=torch.Generator().manual_seed(0))
 
-    def streamed(fast: bool) -> torch.Tensor:
-        dec = StreamingDecoder(vae, fast_cpu=fast)
+    def streamed(fast: bool, batched: bool = True) -> torch.Tensor:
+        dec = StreamingDecoder(vae, fast_cpu=fast) if batched else StreamingDecoder(vae, fast_cpu=fast, pixels_per_call=1)
         parts = [dec.decode_tensor(latents[:, :, :1])]
         for i in range(1, args.latent_frames, args.chunk):
             parts.append(dec.decode_tensor(latents[:, :, i : i + args.chunk]))
@@ -63,7 +67,8 @@ def main() -> None:
         z = denormalise_latents(vae, latents)
         return vae.decode(z, return_dict=False)[0].clamp(-1, 1)
 
-    variants = {"torch": lambda: streamed(False), "fast": lambda: streamed(True), "diffusers": whole}
+    variants = {"torch": lambda: streamed(False, batched=False), "fast, 1 per call": lambda: streamed(True, batched=False),
+                "fast": lambda: streamed(True), "diffusers": whole}
     times: dict[str, list[float]] = {k: [] for k in variants}
     outputs: dict[str, torch.Tensor] = {}
     streamed(True)  # warm-up (oneDNN primitive creation, allocator)

@@ -164,8 +164,16 @@ def test_fast_cpu_path_matches_torch_own_path_on_the_shipped_vae(monkeypatch):
         calls["normalize"] += 1
         return real_normalize(*args, **kwargs)
 
+    real_pad = F.pad
+
+    def counting_pad(x, pad, *args, **kwargs):
+        calls["pad"] += any(pad)  # (post_quant_conv, outside the decoder, "pads" by zero)
+        return real_pad(x, pad, *args, **kwargs)
+
     monkeypatch.setattr(torch, "mkldnn_convolution", counting_conv)
     monkeypatch.setattr(F, "normalize", counting_normalize)
+    monkeypatch.setattr(F, "pad", counting_pad)
+    calls["pad"] = 0
     torch.manual_seed(3)
     latents = torch.randn(1, shipped.config.z_dim, 4, 16, 16)
     generic = StreamingDecoder(shipped, fast_cpu=False)
@@ -173,11 +181,39 @@ def test_fast_cpu_path_matches_torch_own_path_on_the_shipped_vae(monkeypatch):
     ref = torch.cat([ref, generic.decode_tensor(latents[:, :, 1:])], dim=2)
     assert calls["onednn"] == 0 and calls["normalize"] > 0
     calls["normalize"] = 0
+    assert calls["pad"] > 0
     fast = StreamingDecoder(shipped)
-    got = torch.cat([fast.decode_tensor(latents[:, :, :1]), fast.decode_tensor(latents[:, :, 1:])], dim=2)
-    assert calls["onednn"] > 0 and calls["normalize"] == 0
+    first = [fast.decode_tensor(latents[:, :, :1]), fast.decode_tensor(latents[:, :, 1:2])]
+    calls["pad"] = 0
+    got = torch.cat([*first, fast.decode_tensor(latents[:, :, 2:])], dim=2)
+    # from the third latent frame on every causal convolution has two cached frames, so nothing is
+    # padded in time, and oneDNN pads the borders itself
+    assert calls["onednn"] > 0 and calls["normalize"] == 0 and calls["pad"] == 0
     assert got.shape == ref.shape == (1, 3, 7, 64, 64)
     # Same functions, different summation order: float32 rounding only (observed ~2e-6).
     assert (got - ref).abs().max().item() <= 1e-4
     # And the uint8 frames a user gets differ by at most one level where a value sits on a rounding edge.
     assert np.abs(to_uint8(got).astype(int) - to_uint8(ref).astype(int)).max() <= 1
+
+
+def test_several_latent_frames_per_decoder_call_equal_one_at_a_time_in_fewer_calls(vae):
+    """After a video's first latent frame the decoder takes as many latent frames per call as
+    `pixels_per_call` allows; the causal caches make that equal to one at a time."""
+    torch.manual_seed(4)
+    latents = torch.randn(1, 4, 9, 4, 4)
+    one = StreamingDecoder(vae, pixels_per_call=1)
+    many = StreamingDecoder(vae)
+    assert one.latent_frames_per_call(4, 4) == 1 and many.latent_frames_per_call(4, 4) > 4
+    calls = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[2]),
+                                                 with_kwargs=True)
+    try:
+        ref = torch.cat([one.decode_tensor(latents[:, :, s:e]) for s, e in ((0, 3), (3, 5), (5, 9))], dim=2)
+        assert calls == [1] * 9
+        calls.clear()
+        got = torch.cat([many.decode_tensor(latents[:, :, s:e]) for s, e in ((0, 3), (3, 5), (5, 9))], dim=2)
+        assert calls == [1, 2, 2, 4]
+    finally:
+        hook.remove()
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
+    assert many.frames_decoded == one.frames_decoded == got.shape[2]
