@@ -94,3 +94,27 @@ def test_bench_peers_aligned_frames():
     bench = _script()
     s = {"vae_temporal_factor": 2, "base_latent": 8, "overlap_latent": 4, "causal_block_size": 2}
     assert [bench.aligned_frames(f, s) for f in (48, 160, 320, 640, 10)] == [47, 159, 319, 639, 7]
+
+
+def test_gpu_end_to_end_script_runs_every_row_on_a_tiny_model_on_the_cpu(tmp_path):
+    """scripts/bench_gpu_e2e.py (issue 6's GPU end-to-end rows) in its --tiny smoke mode: every row makes the
+    video, the fixed MeanCache schedule makes fewer calls than full compute, and rows measured by separate
+    commands land in one json and one table."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_e2e", ROOT / "scripts" / "bench_gpu_e2e.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, doc = tmp_path / "e2e.json", tmp_path / "gpu.md"
+    common = ["--tiny", "--device", "cpu", "--dtype", "float32", "--json", str(out), "--doc", str(doc)]
+    assert bench.main(["--row", "diffusers", *common]) == 0
+    assert bench.main(["--row", "arvideo-full", *common]) == 0
+    assert bench.main(["--row", "arvideo-meancache", *common]) == 0
+    rows = json.loads(out.read_text())
+    assert set(rows) == set(bench.ROWS)
+    frames = bench.TINY_SETTINGS["frames"]
+    assert all(r["frames"] == frames and r["seconds"] > 0 and r["ttff_s"] <= r["seconds"] for r in rows.values())
+    full, mc = rows["arvideo-full"], rows["arvideo-meancache"]
+    steps, budget = bench.TINY_SETTINGS["steps"], bench.TINY_SETTINGS["meancache_budget"]
+    assert mc["model_calls"] * steps == full["model_calls"] * budget  # the fixed schedule's computed fraction
+    assert rows["diffusers"]["model_calls"] > full["model_calls"]  # cond and uncond calls, re-denoised overlap
+    text = doc.read_text()
+    assert text.count("(TINY) | cpu |") == 3 and "<!-- bench:gpu-e2e -->" in text
