@@ -236,7 +236,7 @@ def _diffusers_child(spec: dict, t_spawn: float) -> dict:
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, spec["max_sequence_length"], spec["prompt_grammar"])
     load_s = time.perf_counter() - t_load
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     guided = spec["guidance_scale"] > 1
     embeds = encoder([spec["caption"]] + ([spec["negative_prompt"]] if guided else []), torch.device("cpu"),
                      torch.float32)
@@ -256,11 +256,11 @@ def _diffusers_child(spec: dict, t_spawn: float) -> dict:
     sink = open_sink(spec["mp4"], spec["fps"])
     sink.write(frames)
     sink.close()
-    t_end = time.perf_counter()
+    t_end, c_end = time.perf_counter(), time.process_time()
     written = time.time()
     peak = _rss_peak_bytes()
     np.save(spec["npy"], frames)  # for the fidelity and world metrics, after every measurement
-    return {"load_s": load_s, "gen_s": t_end - t0, "ttff_s": ttff, "write_s": t_end - t_write,
+    return {"load_s": load_s, "gen_s": t_end - t0, "gen_cpu_s": c_end - c0, "ttff_s": ttff, "write_s": t_end - t_write,
             "whole_s": written - t_spawn, "ttff_process_s": written - t_spawn - (t_end - t0) + ttff,
             "peak_rss_bytes": peak, "model_calls": counter.calls, "attn_tokens": counter.attn_tokens,
             "ffn_tokens": counter.ffn_tokens, "attn_tokens_by_context": counter.attn_by_context,
@@ -287,8 +287,8 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
                        # pick Euler, and its PSNR against arvideo-full would then measure the sampler too
                        overrides=[f"sampler.steps={spec['steps']}", "sampler.name=unipc", f"cache.preset={spec['cache']}"])
     side = NpySink(spec["npy"])  # for fidelity and world metrics: its time is taken out of every figure
-    aux = 0.0
-    t0 = time.perf_counter()
+    aux = aux_cpu = 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
     ttff = None
     sink = open_sink(spec["mp4"], spec["fps"])
     write_s = 0.0
@@ -297,19 +297,20 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
             ttff = time.perf_counter() - t0
         tw = time.perf_counter()
         sink.write(chunk.frames)
-        ta = time.perf_counter()
+        ta, ca = time.perf_counter(), time.process_time()
         side.write(chunk.frames)
         aux += time.perf_counter() - ta
+        aux_cpu += time.process_time() - ca
         write_s += ta - tw
     tw = time.perf_counter()
     sink.close()
-    t_end = time.perf_counter()
+    t_end, c_end = time.perf_counter(), time.process_time()
     write_s += t_end - tw
     written = time.time()
     peak = _rss_peak_bytes()
     side.close()
     gen = t_end - t0 - aux
-    return {"load_s": load_s, "gen_s": gen, "ttff_s": ttff, "write_s": write_s,
+    return {"load_s": load_s, "gen_s": gen, "gen_cpu_s": c_end - c0 - aux_cpu, "ttff_s": ttff, "write_s": write_s,
             "whole_s": written - t_spawn - aux, "ttff_process_s": written - t_spawn - aux - gen + ttff,
             "peak_rss_bytes": peak, "model_calls": engine.model_calls, "attn_tokens": counter.attn_tokens,
             "ffn_tokens": counter.ffn_tokens, "frames_out": side.frames_written}
@@ -387,7 +388,7 @@ def _mean(vals):
 
 def summarise(runs: list[dict], rows: list[str]) -> list[dict]:
     out = []
-    keys = ("whole_s", "gen_s", "ttff_s", "ttff_process_s", "load_s", "write_s", "peak_rss_mib", "model_calls",
+    keys = ("whole_s", "gen_s", "gen_cpu_s", "ttff_s", "ttff_process_s", "load_s", "write_s", "peak_rss_mib", "model_calls",
             "attn_tokens", "ffn_tokens", "psnr_first", "ssim_first", "psnr", "ssim", *WORLD)
     for row in rows:
         group = [r for r in runs if r["row"] == row]
@@ -411,6 +412,8 @@ def summarise(runs: list[dict], rows: list[str]) -> list[dict]:
         if base and s.get("gen_s"):
             s["speedup_vs_diffusers"] = base["gen_s"] / s["gen_s"]
             s["speedup_whole_vs_diffusers"] = base["whole_s"] / s["whole_s"]
+            if base.get("gen_cpu_s") and s.get("gen_cpu_s"):
+                s["cpu_time_ratio_vs_diffusers"] = base["gen_cpu_s"] / s["gen_cpu_s"]
             s["attn_tokens_vs_diffusers"] = s["attn_tokens"] / base["attn_tokens"] if base["attn_tokens"] else None
     return out
 
@@ -465,18 +468,18 @@ def markdown(cpu: dict) -> str:
         f"{st['causal_block_size']}, ar_step {st['ar_step']}. First chunk = the first {cpu['first_chunk_frames']} "
         "frames (causal_block_size x VAE temporal factor).",
         "",
-        "| row | whole process s | gen+decode+write s | TTFF s | peak RSS MiB | model calls | attn tokens vs diffusers "
+        "| row | whole process s | gen+decode+write s | its CPU s | TTFF s | peak RSS MiB | model calls | attn tokens vs diffusers "
         "| first PSNR | first SSIM | PSNR | SSIM | adherence | persistence | smoothness | spurious | background "
         "| flicker | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: | --- |",
     ]
     for s in cpu["rows"]:
         if not s.get("gen_s"):
-            lines.append(f"| {s['row']} |" + " - |" * 16 + f" {s['status']} |")
+            lines.append(f"| {s['row']} |" + " - |" * 17 + f" {s['status']} |")
             continue
         lines.append(
-            f"| {s['row']} | {s['whole_s']:.1f} | {s['gen_s']:.1f} | {s['ttff_s']:.2f} | "
+            f"| {s['row']} | {s['whole_s']:.1f} | {s['gen_s']:.1f} | {_f(s.get('gen_cpu_s'), '{:.1f}')} | {s['ttff_s']:.2f} | "
             f"{s['peak_rss_mib']:.0f} | {s['model_calls']:.0f} | {_f(s.get('attn_tokens_vs_diffusers'))} | "
             f"{_f(s.get('psnr_first'), '{:.1f}')} | {_f(s.get('ssim_first'), '{:.3f}')} | "
             f"{_f(s.get('psnr'), '{:.1f}')} | {_f(s.get('ssim'), '{:.3f}')} | "
@@ -485,11 +488,15 @@ def markdown(cpu: dict) -> str:
     lines += [
         "",
         f"arvideo-fast vs diffusers: speedup {_f(r['speedup_vs_diffusers'])}x (gen+decode+write, model loaded; "
-        f"whole process {_f(r['speedup_whole_vs_diffusers'])}x), time to first frame ratio "
+        f"whole process {_f(r['speedup_whole_vs_diffusers'])}x; in CPU time of generation + decode + write "
+        f"{_f(r.get('cpu_time_ratio_vs_diffusers'))}x), time to first frame ratio "
         f"{_f(r['ttff_ratio_vs_diffusers'], '{:.3f}')}, peak memory ratio {_f(r['peak_mem_ratio_vs_diffusers'], '{:.3f}')}.",
         "",
         "Columns: whole process = from spawning the subprocess to the mp4 closed (interpreter, imports, loading, "
         "text encoding, denoising, decoding, writing); gen+decode+write = the same without start-up and loading; "
+        "its CPU s = the CPU time (user + system, all threads) the subprocess spent in that span: above the wall "
+        "time where arvideo's decoder ran on its own thread beside generation (decode ahead, the default) on a "
+        "free core, which one-thread diffusers has no use for; "
         "TTFF = from the start of generation to the first frame in hand (diffusers: when the pipeline returns, as it "
         "decodes once at the end; arvideo: when the first chunk is yielded); peak RSS = the subprocess's own peak resident set (VmHWM); "
         "model calls = transformer invocations (diffusers calls cond and uncond separately, arvideo batches them "
@@ -630,6 +637,7 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
         "speedup_basis": "gen+decode+write wall time, model loaded, mean over captions (diffusers / arvideo-fast)",
         "speedup_vs_diffusers": d["gen_s"] / fast["gen_s"] if both else None,
         "speedup_whole_vs_diffusers": d["whole_s"] / fast["whole_s"] if both else None,
+        "cpu_time_ratio_vs_diffusers": fast.get("cpu_time_ratio_vs_diffusers") if both else None,
         "ttff_ratio_vs_diffusers": fast["ttff_s"] / d["ttff_s"] if both else None,
         "peak_mem_ratio_vs_diffusers": fast["peak_rss_mib"] / d["peak_rss_mib"] if both else None,
         "peak_mem_source": "main run, mean peak RSS over captions (a later --memory-sweep replaces it)",
