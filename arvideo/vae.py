@@ -4,8 +4,9 @@ diffusers' `AutoencoderKLWan.decode` already runs its decoder one latent frame a
 carrying causal-conv caches (`feat_cache`) from frame to frame, but it clears them at the
 end of every call. `StreamingDecoder` drives the same decoder module with a cache it owns
 and keeps between calls, so a video decoded chunk by chunk (any chunk sizes, in order)
-gives the frames of one whole-video decode, while memory stays that of one latent frame
-plus the caches (two frames per causal conv): nothing of earlier chunks is kept.
+gives the frames of one whole-video decode, while memory stays that of one decoder call
+(one latent frame at 540p; a whole small chunk, up to `pixels_per_call` output pixels, at
+64 x 64) plus the caches (two frames per causal conv): nothing of earlier chunks is kept.
 
 Latents here are NORMALISED as the transformer produces them; the un-normalisation and
 the uint8 mapping match diffusers' SkyReels-V2 pipeline and `VideoProcessor` (`pil`
@@ -241,7 +242,7 @@ class StreamingDecoder:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents `[1, z, f, h, w]` -> uint8 frames `[n, H, W, 3]`, continuing the current video."""
         h, w = latents.shape[-2] * self.spatial_factor, latents.shape[-1] * self.spatial_factor
-        # Quantised frame by frame so a chunk's float pixels never exist all at once.
+        # Quantised per decoder call (at most `pixels_per_call` pixels): a long chunk's float pixels never exist at once.
         frames = [to_uint8(x) for x in self._decode_frames(latents)]
         return np.concatenate(frames, axis=0) if frames else np.zeros((0, h, w, 3), dtype=np.uint8)
 
@@ -251,7 +252,7 @@ class StreamingDecoder:
 
     @torch.no_grad()
     def _decode_frames(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yields `[1, 3, n_i, H, W]` in [-1, 1] for each latent frame, advancing the cache."""
+        """Yields `[1, 3, n_i, H, W]` in [-1, 1] for each decoder call (one or more latent frames), advancing the cache."""
         if latents.ndim != 5 or latents.shape[0] != 1 or latents.shape[1] != self.vae.config.z_dim:
             raise ConfigError(
                 f"latents must be [1, {self.vae.config.z_dim}, f, h, w], got {list(latents.shape)}; "
