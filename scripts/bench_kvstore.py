@@ -257,6 +257,7 @@ def quality(args) -> None:
             if rec["frames"] == args.frames[0] and rec["model"] == args.model:
                 done[(tuple(rec["variant"]), rec["world_seed"], tuple(rec["overrides"]))] = rec["result"]
         print(f"{len(done)} run(s) taken from {journal}", flush=True)
+    from_journal = set(done)
     for path in args.reuse:
         # videos of an earlier, completed run (its --json rows): the same frames, seed and overrides
         # make the same video, so a new policy can be compared with old ones without re-running them
@@ -267,7 +268,7 @@ def quality(args) -> None:
                 result = {k: v for k, v in row.items() if k != "variant"}
                 done.setdefault((tuple(row["variant"]), row["seed"], tuple(row["set"])), result)
         print(f"{len(done) - n} run(s) taken from {path}", flush=True)
-    reused = set(done)
+    reused = set(done) - from_journal  # taken from --reuse files (the journal's are this run's own videos)
     lock = threading.Lock()
 
     def run(job):
