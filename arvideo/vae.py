@@ -112,8 +112,8 @@ def _onednn_conv_forward(conv: torch.nn.Conv3d, owner: torch.nn.Module):
 
 def _causal_conv_forward(conv: WanCausalConv3d, owner: torch.nn.Module):
     """A `forward` for a `WanCausalConv3d` that gives its spatial zero padding to oneDNN instead of
-    materialising a padded copy (`F.pad`: a fill and a copy of the whole activation, a tenth of the
-    decode), on the fast path; the module's own otherwise. The causal time padding (cached frames,
+    materialising a padded copy (`F.pad`: a fill and a copy of the whole activation), on the fast
+    path; the module's own otherwise. The causal time padding (cached frames,
     else zeros) is built as diffusers builds it."""
     generic, weight_cl = conv.forward, _channels_last_weight(conv)
     w_pad, w_pad_right, h_pad, h_pad_bottom, _, t_pad_after = conv._padding

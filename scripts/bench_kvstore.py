@@ -258,15 +258,16 @@ def quality(args) -> None:
                 done[(tuple(rec["variant"]), rec["world_seed"], tuple(rec["overrides"]))] = rec["result"]
         print(f"{len(done)} run(s) taken from {journal}", flush=True)
     from_journal = set(done)
+    wanted = {(job[0], job[1], tuple(job[2])) for job in jobs}
     for path in args.reuse:
         # videos of an earlier, completed run (its --json rows): the same frames, seed and overrides
         # make the same video, so a new policy can be compared with old ones without re-running them
         # (the caller vouches that the model folder has not changed since; the table says what was reused)
         n = len(done)
         for row in json.loads(Path(path).read_text()):
-            if row["frames"] == args.frames[0] and tuple(row["variant"]) in variants:
-                result = {k: v for k, v in row.items() if k != "variant"}
-                done.setdefault((tuple(row["variant"]), row["seed"], tuple(row["set"])), result)
+            key = (tuple(row["variant"]), row["seed"], tuple(row["set"]))
+            if row["frames"] == args.frames[0] and key in wanted:
+                done.setdefault(key, {k: v for k, v in row.items() if k != "variant"})
         print(f"{len(done) - n} run(s) taken from {path}", flush=True)
     reused = set(done) - from_journal  # taken from --reuse files (the journal's are this run's own videos)
     lock = threading.Lock()
