@@ -229,8 +229,8 @@ class StreamingDecoder:
     def latent_frames_per_call(self, latent_height: int, latent_width: int) -> int:
         """How many latent frames one decoder call takes after a video's first: as many as keep its output
         within `pixels_per_call` (frames x height x width), at least one. On the shipped 64 x 64 model
-        that is 8 (a whole chunk), about 1.15-1.25x faster on CPU than one at a time; at 540p it is one,
-        as diffusers decodes, so activation memory does not grow."""
+        that is 8 (a whole chunk: 1.15x faster on CPU than one at a time in `scripts/bench_decoder.py`);
+        at 540p it is one, as diffusers decodes, so activation memory does not grow."""
         per_latent = self.temporal_factor * latent_height * latent_width * self.spatial_factor ** 2
         return max(1, self.pixels_per_call // per_latent)
 

@@ -55,7 +55,7 @@ def main() -> None:
     latents = torch.randn(1, vae.config.z_dim, args.latent_frames, h, w, generator=torch.Generator().manual_seed(0))
 
     def streamed(fast: bool, batched: bool = True) -> torch.Tensor:
-        dec = StreamingDecoder(vae, fast_cpu=fast) if batched else StreamingDecoder(vae, fast_cpu=fast, pixels_per_call=1)
+        dec = StreamingDecoder(vae, fast_cpu=fast, **({} if batched else {"pixels_per_call": 1}))
         parts = [dec.decode_tensor(latents[:, :, :1])]
         for i in range(1, args.latent_frames, args.chunk):
             parts.append(dec.decode_tensor(latents[:, :, i : i + args.chunk]))
