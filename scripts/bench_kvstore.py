@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "kvstore.md"
 METRICS = ("adherence", "persistence", "spurious", "smoothness", "background", "flicker")
+QUARTERS = 4  # quality: the metrics are also reported per quarter of each video
 
 
 def _rss_mib() -> float:
@@ -86,7 +87,12 @@ def child(args) -> None:
     if keep is not None:
         from arvideo.world.metrics import score_video
 
-        out.update(score_video(np.concatenate(keep), caption))
+        video = np.concatenate(keep)
+        out.update(score_video(video, caption))
+        # the same metrics over each quarter of the video: does a policy lose the objects
+        # progressively (memory) or from the start?
+        bounds = np.linspace(0, len(video), QUARTERS + 1).round().astype(int)
+        out["quarters"] = [score_video(video[a:b], caption) for a, b in zip(bounds[:-1], bounds[1:])]
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -323,6 +329,17 @@ def quality(args) -> None:
                 lines.append(f"| {first[0]}/{first[1]} - {second[0]}/{second[1]} | "
                              + " | ".join(f"{cells[m]['mean']:+.3f} +- {cells[m]['se']:.3f}" for m in paired)
                              + f" | {adh['higher']} / {adh['lower']} |")
+    quartered = [r for _, r in results if "quarters" in r]
+    if quartered and len(quartered) == len(results):
+        lines += ["", "By quarter of the video (mean over captions; the metrics of each quarter scored "
+                  "alone, so persistence there is within the quarter): adherence / persistence", "",
+                  "| policy | positions | " + " | ".join(f"quarter {q + 1}" for q in range(QUARTERS)) + " |",
+                  "| --- | --- |" + " ---: |" * QUARTERS]
+        for variant in variants:
+            rows = [r for v, r in results if v == variant]
+            cells = [f"{np.mean([r['quarters'][q]['adherence'] for r in rows]):.3f} / "
+                     f"{np.mean([r['quarters'][q]['persistence'] for r in rows]):.3f}" for q in range(QUARTERS)]
+            lines.append(f"| {variant[0]} | {variant[1]} | " + " | ".join(cells) + " |")
     lines += ["", "Per video (persistence, adherence):", ""]
     for variant, r in sorted(results, key=lambda vr: variants.index(vr[0])):
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "

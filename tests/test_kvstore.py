@@ -310,6 +310,66 @@ def test_quality_benchmark_reuses_the_videos_of_an_earlier_run(tmp_path, monkeyp
     assert len(calls) == 4
 
 
+def test_quality_benchmark_tabulates_each_quarter_of_the_videos(monkeypatch):
+    """The per-quarter table averages each quarter's metrics over captions, per policy, and is left
+    out when some videos (reused from a run before quarters were recorded) lack them."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location("bench_kvstore_quarters_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    published = []
+
+    def fake_child(model, frames, seed, overrides, score):
+        policy = overrides[0].split("=")[1]
+        base = 0.1 if policy == "scored" else 0.5
+        quarters = [{"adherence": base + q / 10 + (seed - 10_000) / 100, "persistence": 1.0 - q / 10}
+                    for q in range(bench.QUARTERS)]
+        return {"seed": seed, "kv_bytes_max": 1, "peak_rss_mib": 1.0, "seconds": 1.0, "quarters": quarters,
+                **{m: 0.5 for m in bench.METRICS}}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "publish", lambda args, section, lines, rows: published.append(lines))
+    bench.quality(argparse.Namespace(policies=["scored", "window"], positions=["reindexed"], captions=2,
+                                     seed=10_000, set=[], jobs=1, frames=[9], model=None, json=None, reuse=[]))
+    lines = published[-1]
+    # captions 10000 and 10001: quarter q's adherence is base + q/10 + 0.005 on average
+    assert "| scored | reindexed | 0.105 / 1.000 | 0.205 / 0.900 | 0.305 / 0.800 | 0.405 / 0.700 |" in lines
+    assert "| window | reindexed | 0.505 / 1.000 | 0.605 / 0.900 | 0.705 / 0.800 | 0.805 / 0.700 |" in lines
+
+    def without_quarters(*a):
+        row = fake_child(*a)
+        return row if a[2] == 10_000 else {k: v for k, v in row.items() if k != "quarters"}
+
+    monkeypatch.setattr(bench, "run_child", without_quarters)
+    bench.quality(argparse.Namespace(policies=["scored"], positions=["reindexed"], captions=2,
+                                     seed=10_000, set=[], jobs=1, frames=[9], model=None, json=None, reuse=[]))
+    assert not any("quarter 1" in line for line in published[-1])
+
+
+def test_quality_child_scores_each_quarter_of_its_video_alone(folder):
+    """`bench_kvstore.py child --score` adds the world metrics of each quarter of the video, and the
+    whole-video metrics are still those of the whole video."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    out = subprocess.run([sys.executable, str(script), "child", "--model", str(folder), "--frames", "33",
+                          "--score", "--set", "sampler.steps=2"], capture_output=True, text=True, check=True).stdout
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert len(row["quarters"]) == 4
+    assert all({"adherence", "persistence", "background"} <= set(q) <= set(row) for q in row["quarters"])
+    # background is a plain mean over frames, so the quarters' (frames 0-7, 8-15, 16-24, 25-32)
+    # weighted by their lengths give the whole video's
+    backgrounds = [q["background"] for q in row["quarters"]]
+    assert abs(sum(b * n for b, n in zip(backgrounds, (8, 8, 9, 8))) / 33 - row["background"]) < 1e-9
+
+
 def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tmp_path):
     # a model folder's arvideo.json names its default positions (the embedded model's: reindexed,
     # chosen by measurement, docs/kvstore.md); the engine must take it from the folder, and
