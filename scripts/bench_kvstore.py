@@ -142,6 +142,14 @@ def run_child(model: str | None, frames: int, seed: int, overrides: list[str], s
 
 
 # -- parent: sections --------------------------------------------------------------------------
+def caption_set(args) -> str:
+    """Names the captions' world seeds: 10000-19999 are the evaluation set, 20000 on development ones."""
+    seeds = f"world seeds {args.seed}..{args.seed + args.captions - 1}"
+    if 10_000 <= args.seed and args.seed + args.captions <= 20_000:
+        return "held-out " + seeds
+    return seeds + (" (development captions, not the evaluation set)" if args.seed >= 20_000 else "")
+
+
 def write_section(name: str, text: str) -> None:
     from arvideo.reporting import write_marked_section
 
@@ -294,8 +302,8 @@ def quality(args) -> None:
         results = list(pool.map(run, jobs))
     lines = [
         f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
-        f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; captions: held-out world seeds "
-        f"{args.seed}..{args.seed + args.captions - 1}; {args.jobs} run(s) at a time"
+        f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; captions: {caption_set(args)}; "
+        f"{args.jobs} run(s) at a time"
         + (f"; {sum(1 for j in jobs if (j[0], j[1], tuple(j[2])) in reused)} of the {len(jobs)} videos taken "
            f"from earlier runs: {', '.join(args.reuse)}" if args.reuse else "") + ")",
         "",
@@ -363,7 +371,7 @@ def fidelity(args) -> None:
     lines = [
         f"`{command_line()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model "
         f"{args.model or 'models/shapes-df'}; {args.frames[0]} frames; budget {rows[0]['budget_frames']} latent frames; "
-        f"captions: held-out world seeds {args.seed}..{args.seed + args.captions - 1})",
+        f"captions: {caption_set(args)})",
         "",
         "Relative L2 error of each chunk's clean latents against the full-cache run, teacher-forced "
         "(every chunk sees the full run's history, so only the eviction differs), over chunks after the first eviction:",
