@@ -387,3 +387,16 @@ def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tm
     assert not np.array_equal(from_ab, from_re)  # eviction with a sink: the two schemes differ
     assert np.array_equal(from_ab, run(re, "kv.positions=absolute"))
     assert np.array_equal(from_re, run(ab, "kv.positions=reindexed"))
+
+
+@pytest.mark.parametrize("policy", ["window", "full"])
+def test_window_and_full_videos_do_not_depend_on_the_positions_scheme(folder, policy):
+    # window keeps contiguous recent frames (rank = own position) and full evicts nothing, so
+    # neither ever re-positions a key: bench_kvstore.py runs them under one scheme only
+    cfg = dict(prompt=CAPTION, frames=29, seed=3)
+
+    def run(positions):
+        over = [f"kv.policy={policy}", "kv.budget_frames=4", f"kv.positions={positions}", "schedule.ar_step=1"]
+        return Engine(load_model(folder)).generate(build_config(**cfg, overrides=over))
+
+    assert np.array_equal(run("absolute"), run("reindexed"))
