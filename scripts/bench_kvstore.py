@@ -339,8 +339,7 @@ def quality(args) -> None:
                 lines.append(f"| {first[0]}/{first[1]} - {second[0]}/{second[1]} | "
                              + " | ".join(f"{cells[m]['mean']:+.3f} +- {cells[m]['se']:.3f}" for m in paired)
                              + f" | {adh['higher']} / {adh['lower']} |")
-    quartered = [r for _, r in results if "quarters" in r]
-    if quartered and len(quartered) == len(results):
+    if results and all("quarters" in r for _, r in results):
         lines += ["", "By quarter of the video (mean over captions; the metrics of each quarter scored "
                   "alone, so persistence there is within the quarter): adherence / persistence", "",
                   "| policy | positions | " + " | ".join(f"quarter {q + 1}" for q in range(QUARTERS)) + " |",

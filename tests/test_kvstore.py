@@ -350,6 +350,24 @@ def test_quality_benchmark_tabulates_each_quarter_of_the_videos(monkeypatch):
     assert not any("quarter 1" in line for line in published[-1])
 
 
+def test_quality_benchmark_names_its_caption_set():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location("bench_kvstore_captions_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def name(seed, captions):
+        return bench.caption_set(argparse.Namespace(seed=seed, captions=captions))
+
+    assert name(10_000, 12) == "held-out world seeds 10000..10011"
+    assert name(20_000, 24) == "world seeds 20000..20023 (development captions, not the evaluation set)"
+    assert name(19_995, 10) == "world seeds 19995..20004"  # straddles both sets: named by seeds only
+
+
 def test_quality_child_scores_each_quarter_of_its_video_alone(folder):
     """`bench_kvstore.py child --score` adds the world metrics of each quarter of the video, and the
     whole-video metrics are still those of the whole video."""
