@@ -7,6 +7,9 @@ seeds >= 10000), records every chunk's latents and velocities per step, and writ
   average velocity over [sigma_t, sigma_s], u_est what computing at t and extrapolating with
   the K-step JVP through s - 1 gives), and the peak-suppressed shortest-path schedules for the
   requested budgets and gammas;
+- the fitted slope estimator's tables (`estimator=fitted`): for every edge t -> s after the
+  computed step p, the damping alpha of the slope (v_t - v_p) / (sigma_t - sigma_p) that best
+  reproduces the latents reached at s (least squares, clipped to [0, 1]) and the RMS error left;
 - the degree-4 polynomial mapping the relative change of the timestep modulation to the
   relative change of the velocity (FlowCache's SkyReels indicator and TeaCache).
 
@@ -24,9 +27,9 @@ import numpy as np
 import torch
 
 from .caching.base import PolicyContext
-from .caching.calibration import FILENAME, save_entry
+from .caching.calibration import FILENAME, fitted_schedule, save_entry
 from .caching.common import relative_l1
-from .caching.meancache import finite_difference_jvp
+from .caching.meancache import finite_difference_jvp, slope_weight
 from .caching.schedule import displacement_costs, shortest_path_schedule
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,59 @@ class CostAccumulator:
         return out
 
 
+class SlopeAccumulator:
+    """Least-squares sums for the fitted slope estimator over calibration trajectories.
+
+    Computing at t (after the computed step p) and skipping t+1..s-1 with the damped slope
+    reaches x_s = z_s + A + alpha B, where A = z_t + (sigma_s - sigma_t) v_t - z_s is plain reuse's
+    error and B = c(t, s) (v_t - v_p) / (sigma_t - sigma_p) (`slope_weight`). Sums of <A, A>,
+    <A, B> and <B, B> over every chunk give alpha = -<A, B> / <B, B> (clipped to [0, 1]) and the
+    RMS error left, per edge.
+    """
+
+    def __init__(self, sigmas) -> None:
+        self.sigmas = [float(s) for s in sigmas]
+        n = self.n = len(self.sigmas) - 1
+        self.aa = np.zeros((n + 1, n + 1))
+        self.ab = np.zeros((n + 1, n + 1, n + 1))
+        self.bb = np.zeros((n + 1, n + 1, n + 1))
+        self.weights = np.array([[slope_weight(self.sigmas, t, s) if s > t else 0.0 for s in range(n + 1)]
+                                 for t in range(n + 1)])
+        self.numel = 0
+
+    def add(self, traj: Trajectory) -> None:
+        n = self.n
+        z = torch.stack([x.double().flatten() for x in traj.latents])  # [n + 1, numel]
+        v = torch.stack([x.double().flatten() for x in traj.velocities])  # [n, numel]
+        if len(z) != n + 1 or len(v) != n:
+            raise ValueError(f"trajectory has {len(z)} latents and {len(v)} velocities, expected {n + 1} and {n}")
+        sig = torch.tensor(self.sigmas, dtype=torch.float64)
+        for t in range(n):
+            a = z[t] + (sig[t + 1:] - sig[t])[:, None] * v[t] - z[t + 1:]  # [s = t+1..n, numel]
+            self.aa[t, t + 1:] += (a * a).sum(1).numpy()
+            if t == 0:
+                continue
+            d = (v[t] - v[:t]) / (sig[t] - sig[:t])[:, None]  # [p = 0..t-1, numel]
+            c = self.weights[t, t + 1:]
+            self.ab[:t, t, t + 1:] += (d @ a.T).numpy() * c[None, :]
+            self.bb[:t, t, t + 1:] += (d * d).sum(1).numpy()[:, None] * (c * c)[None, :]
+        self.numel += z.shape[1]
+
+    def tables(self) -> dict:
+        """{"first": RMS error of 0 -> s, "edges": [[p, t, s, alpha, RMS error], ...]} (p < t < s)."""
+        n, numel = self.n, max(self.numel, 1)
+        first = [None] + [float(np.sqrt(max(self.aa[0, s], 0.0) / numel)) for s in range(1, n + 1)]
+        edges = []
+        for t in range(1, n):
+            for s in range(t + 1, n + 1):
+                for p in range(t):
+                    ab, bb = self.ab[p, t, s], self.bb[p, t, s]
+                    alpha = float(np.clip(-ab / bb, 0.0, 1.0)) if bb > 0 else 0.0
+                    err = self.aa[t, s] + 2 * alpha * ab + alpha * alpha * bb
+                    edges.append([p, t, s, round(alpha, 6), float(f"{np.sqrt(max(err, 0.0) / numel):.6g}")])
+        return {"first": first, "edges": edges}
+
+
 def edge_costs(z: list[torch.Tensor], v: list[torch.Tensor], sigmas: list[float], t: int, k: int) -> np.ndarray:
     """C_K(t, s) for s = t+1..N on one trajectory: mean |u_ref - u_est| (MeanCache's skipped-step rule)."""
     n = len(sigmas) - 1
@@ -144,6 +200,7 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
     sc = r.cfg.sampler
     sampler = Sampler(sc.name, r.steps, sc.shift, sc.grid, engine.model.scheduler_config)
     acc = CostAccumulator(sampler.sigmas, tuple(ks))
+    slope = SlopeAccumulator(sampler.sigmas)
     for seed, caption in captions:
         recorder = Recorder()
         cfg = replace(base_cfg, prompt=caption, seed=seed, cache=replace(base_cfg.cache, preset=recorder))
@@ -151,6 +208,7 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
             traj = recorder.trajectories.pop(finished.index)
             traj.latents.append(finished.latents.float())
             acc.add(traj)
+            slope.add(traj)
     modulation = [engine.backbone.modulation(t) for t in sampler.timesteps]
     x = np.array([relative_l1(modulation[i], modulation[i - 1]) for i in range(1, r.steps)])
     y = acc.velocity_change[1:] / max(acc.count, 1)
@@ -163,6 +221,12 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
                 s = shortest_path_schedule(table, budget, gamma)
                 schedules.append({"cost_kind": kind, "budget": int(budget), "gamma": float(gamma),
                                   "compute": s.compute, "K": s.ks, "cost": s.cost})
+    slope_tables = slope.tables()
+    for gamma in gammas:
+        for budget in budgets:
+            compute, alphas = fitted_schedule(slope_tables, r.steps, budget, gamma)
+            schedules.append({"cost_kind": "fitted", "budget": int(budget), "gamma": float(gamma),
+                              "compute": sorted(compute), "alpha": [alphas[t] for t in sorted(compute)]})
     return {
         "sampler": sc.name, "steps": r.steps, "shift": float(sc.shift), "grid": sc.grid,
         "sigmas": [float(s) for s in sampler.sigmas],
@@ -171,6 +235,7 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
         "modulation_change": x.tolist(), "velocity_change": y.tolist(),
         "modulation_poly": fit_polynomial(x, y),
         "costs": {str(k): tab for k, tab in costs.items()},
+        "slope": slope_tables,
         "schedules": schedules,
     }
 
@@ -230,8 +295,9 @@ def run(args) -> int:
     save_entry(out, entry)
     if not args.quiet:
         for s in entry["schedules"]:
-            print(f"{s['cost_kind']:>12} budget {s['budget']:>3} gamma {s['gamma']:.1f}: compute {s['compute']} K {s['K']} "
-                  f"cost {s['cost']:.4g}", file=sys.stderr)
+            label = f"alpha {[round(a, 2) for a in s['alpha']]}" if "alpha" in s else f"K {s['K']} cost {s['cost']:.4g}"
+            print(f"{s['cost_kind']:>12} budget {s['budget']:>3} gamma {s['gamma']:.1f}: compute {s['compute']} {label}",
+                  file=sys.stderr)
         print(f"wrote {out} ({entry['sampler']}, {entry['steps']} steps, {entry['chunks']} chunks)", file=sys.stderr)
     return 0
 

@@ -11,7 +11,7 @@ from arvideo.caching import make_policy_factory, parse_preset
 from arvideo.caching.base import PolicyContext
 from arvideo.caching.flowcache import FlowCache
 from arvideo.caching.meancache import MeanCache, average_velocity, finite_difference_jvp
-from arvideo.caching.schedule import shortest_path_schedule
+from arvideo.caching.schedule import pair_shortest_path_schedule, shortest_path_schedule
 from arvideo.config import build_config
 from arvideo.engine import Engine
 from arvideo.errors import ConfigError
@@ -122,10 +122,111 @@ def test_shortest_path_dp_finds_the_brute_force_optimum(gamma):
             assert sched.cost == pytest.approx(_brute_force(costs, n, budget, gamma, force), rel=1e-12)
 
 
+def _pair_brute_force(first, costs, n, budget, gamma, force=()):
+    best, best_nodes = math.inf, None
+    for m in range(0, budget):
+        for inner in itertools.combinations(range(1, n), m):
+            if not set(force) <= set(inner):
+                continue
+            nodes = (0, *inner, n)
+            total = first[nodes[1]] ** gamma + sum(costs[(p, t, s)] ** gamma
+                                                   for p, t, s in zip(nodes[:-2], nodes[1:-1], nodes[2:]))
+            if total < best:
+                best, best_nodes = total, list(nodes[:-1])
+    return best, best_nodes
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_second_order_shortest_path_finds_the_brute_force_optimum(gamma):
+    # the fitted estimator's schedule: an edge's cost depends on the computed step before it
+    rng = np.random.default_rng(2)
+    n = 7
+    # longer edges cost more (so the best path uses its budget) and the step before matters
+    first = [None] + [s * s * rng.uniform(0.5, 1.5) for s in range(1, n + 1)]
+    costs = {(p, t, s): float((s - t) ** 2 * rng.uniform(0.5, 1.5)) for s in range(n + 1) for t in range(s)
+             for p in range(t)}
+    for force in [(), (1,), (2, 5)]:
+        for budget in range(len(force) + 1, n + 1):
+            compute = pair_shortest_path_schedule(first, costs, n, budget, gamma, force)
+            best, nodes = _pair_brute_force(first, costs, n, budget, gamma, force)
+            path = compute + [n]
+            total = first[path[1]] ** gamma + sum(costs[e] ** gamma for e in zip(path[:-2], path[1:-1], path[2:]))
+            assert compute[0] == 0 and len(compute) <= budget and set(force) <= set(compute)
+            assert total == pytest.approx(best, rel=1e-12), (compute, nodes)
+            if not force:
+                assert len(compute) == budget  # here every extra edge pays: the whole budget is spent
+
+
+def _run_fitted_edge(z, v, sig, p, t, s, alpha):
+    """The latents the fitted estimator reaches at s: computed steps p and t, t+1..s-1 skipped."""
+    ctx = PolicyContext(0, len(sig) - 1, sig, sig[:-1] * 1000, None, None)
+    policy = MeanCache(ctx, {p: 1, t: 1, s: 1}, estimator="fitted", alphas={t: alpha})
+    policy.observe(p, z[p], v[p])
+    policy.observe(t, z[t], v[t])
+    x = z[t] + (sig[t + 1] - sig[t]) * v[t]
+    for i in range(t + 1, s):
+        x = x + (sig[i + 1] - sig[i]) * policy.reuse(i, x).double()
+    return x
+
+
+def test_fitted_slope_tables_are_the_least_squares_fit_of_what_the_policy_does():
+    # SlopeAccumulator's alpha and error per edge (p, t, s) must be the best damping of the slope
+    # for the latents the run-time policy reaches at s, and the RMS error it leaves
+    from arvideo.calibrate import SlopeAccumulator, Trajectory
+
+    n, g = 6, torch.Generator().manual_seed(4)
+    sig = torch.linspace(1, 0, n + 1, dtype=torch.float64) ** 0.7
+    trajs = []
+    for _ in range(2):
+        v = [torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.3 + 0.5 * k for k in range(n)]
+        z = [torch.randn(3, 4, generator=g, dtype=torch.float64)]
+        for k in range(n):  # Euler reference with a little off-trajectory noise: no edge is exact
+            z.append(z[-1] + (sig[k + 1] - sig[k]) * v[k] + 0.01 * torch.randn(3, 4, generator=g, dtype=torch.float64))
+        trajs.append(Trajectory(z, v))
+    acc = SlopeAccumulator(sig)
+    for tr in trajs:
+        acc.add(tr)
+    tables = acc.tables()
+    checked = 0
+    for p, t, s, alpha, err in tables["edges"]:
+        if s - t < 2:
+            assert alpha == 0.0  # nothing skipped: nothing to fit
+            continue
+        e0 = [(_run_fitted_edge(tr.latents, tr.velocities, sig, p, t, s, 0.0) - tr.latents[s]) for tr in trajs]
+        e1 = [(_run_fitted_edge(tr.latents, tr.velocities, sig, p, t, s, 1.0) - tr.latents[s]) for tr in trajs]
+        # the error is linear in alpha: e(a) = e0 + a (e1 - e0); its least-squares minimiser on [0, 1]
+        ab = sum(((a0) * (a1 - a0)).sum() for a0, a1 in zip(e0, e1)).item()
+        bb = sum(((a1 - a0) ** 2).sum() for a0, a1 in zip(e0, e1)).item()
+        best = min(max(-ab / bb, 0.0), 1.0)
+        rms = math.sqrt(sum(((a0 + best * (a1 - a0)) ** 2).sum() for a0, a1 in zip(e0, e1)).item() / (2 * 12))
+        # float32 policy history against the float64 tables
+        assert alpha == pytest.approx(best, abs=1e-4) and err == pytest.approx(rms, rel=1e-4)
+        checked += 1
+    assert checked > 10
+    assert tables["first"][2] == pytest.approx(math.sqrt(sum(
+        ((tr.latents[0] + (sig[2] - sig[0]) * tr.velocities[0] - tr.latents[2]) ** 2).sum() for tr in trajs).item() / 24))
+
+
+def test_fitted_estimator_at_alpha_zero_is_reuse_and_at_one_the_slope():
+    sig = torch.linspace(1, 0, 9)
+    ctx = PolicyContext(0, 8, sig, sig[:-1] * 1000, None, None)
+    z, v0, v2 = torch.randn(4), torch.randn(4), torch.randn(4)
+    runs = {}
+    for name, est, alphas in [("reuse", "fitted", {2: 0.0}), ("one", "fitted", {2: 1.0}), ("slope", "slope", None),
+                              ("half", "fitted", {2: 0.5})]:
+        policy = MeanCache(ctx, {0: 1, 2: 1}, estimator=est, alphas=alphas)
+        policy.observe(0, z, v0)
+        policy.observe(2, z, v2)
+        runs[name] = policy.reuse(3, z)
+    assert torch.equal(runs["reuse"], v2)
+    assert torch.equal(runs["one"], runs["slope"]) and not torch.equal(runs["one"], v2)
+    assert torch.allclose(runs["half"], (runs["reuse"] + runs["one"]) / 2, atol=1e-6)
+
+
 # -- exactness through the engine ---------------------------------------------------------------
 @pytest.mark.parametrize("preset,ar_step", [
     ("flowcache:tau=0", 1), ("flowcache:tau=0,indicator=modulation", 1), ("combination:tau=0", 1),
-    (f"meancache:budget={STEPS}", 1), ("teacache:tau=0", 1), ("fora:interval=1", 1), ("deepcache:interval=1", 1),
+    (f"meancache:budget={STEPS}", 1), (f"meancache:budget={STEPS},estimator=fitted", 1), ("teacache:tau=0", 1), ("fora:interval=1", 1), ("deepcache:interval=1", 1),
     ("flowcache:tau=0,reuse=residual", 1),
     ("flowcache:tau=0,reuse=mean,k=3", 0), ("teacache:tau=0", 0), ("deepcache:interval=1", 0),
     # guidance reuse that never skips the unconditional pass: plain CFG, through GuidanceReuse.full
@@ -301,6 +402,49 @@ def test_calibration_writes_schedules_that_the_meancache_preset_follows(engine, 
     assert [s for s, d in enumerate([True] + seen[0][:STEPS - 1]) if d] == sched["compute"]
     with pytest.raises(ValueError, match="evaluation range"):
         calibrate(engine, cfg, [(10_000, CAPTION)])
+
+
+def test_the_fitted_estimator_follows_its_calibrated_schedule_and_damping(engine, folder, monkeypatch, caplog):
+    from arvideo.caching.calibration import FILENAME, fitted_schedule, save_entry
+    from arvideo.calibrate import calibrate
+
+    cfg = build_config(frames=5, overrides=["sampler.name=euler"])
+    entry = calibrate(engine, cfg, [(0, CAPTION), (1, CAPTION)], budgets=(3,), gammas=(2.0,), ks=(1,))
+    fitted = [s for s in entry["schedules"] if s["cost_kind"] == "fitted"][0]
+    assert fitted["compute"][0] == 0 and len(fitted["compute"]) <= 3 and len(fitted["alpha"]) == len(fitted["compute"])
+    assert all(0.0 <= a <= 1.0 for a in fitted["alpha"]) and len(entry["slope"]["first"]) == STEPS + 1
+    # the tiny model's own alphas may all be 0; give every edge a distinct one so a mix-up shows
+    entry["slope"]["edges"] = [[p, t, s, round(0.01 * (p + 1) + 0.1 * t + 0.001 * s, 6), c]
+                               for p, t, s, _, c in entry["slope"]["edges"]]
+    compute, alphas = fitted_schedule(entry["slope"], STEPS, 3)
+    fitted = {"compute": sorted(compute), "alpha": [alphas[t] for t in sorted(compute)]}
+    save_entry(folder / FILENAME, entry)
+    policies = []
+    original = MeanCache.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        policies.append(self)
+
+    monkeypatch.setattr(MeanCache, "__init__", keep)
+    try:
+        engine.generate(_cfg("meancache:budget=3,estimator=fitted", frames=5, sampler__name="euler"))
+    finally:
+        (folder / FILENAME).unlink()
+    assert sorted(policies[0].schedule) == fitted["compute"]
+    assert [policies[0].mean.alphas[t] for t in fitted["compute"]] == fitted["alpha"]
+    # each computed step's damping is the table's alpha for its edge, given the computed step before it
+    table = {(p, t, s): a for p, t, s, a, _ in entry["slope"]["edges"]}
+    nodes = fitted["compute"] + [STEPS]
+    assert len(nodes) == 4 and fitted["alpha"][1:] == [table[e] for e in zip(nodes[:-2], nodes[1:-1], nodes[2:])]
+    # without slope tables (no calibration, or one from before them): plain reuse, and a warning naming the fix
+    sig = torch.linspace(1, 0, STEPS + 1)
+    with caplog.at_level("WARNING"):
+        policy = make_policy_factory("meancache:budget=3,estimator=fitted", STEPS)(
+            PolicyContext(0, STEPS, sig, sig[:-1] * 1000, None, None))
+    assert policy.mean.alphas == {} and "arvideo calibrate" in caplog.text
+    with pytest.raises(ConfigError, match="cost=displacement"):
+        make_policy_factory("meancache:estimator=fitted,cost=velocity", STEPS)
 
 
 def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():

@@ -8,6 +8,7 @@ PolicyFactory object as the preset.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 from ..samplers import SAMPLERS
 from .base import CachePolicy, PolicyContext, PolicyFactory
 from .baselines import Fora, TeaCache, TickDecision
-from .calibration import costs_from_entry, find_entry
+from .calibration import costs_from_entry, find_entry, fitted_schedule
 from .common import IDENTITY_POLY
 from .deepcache import DeepCache
 from .flowcache import FlowCache, ResidualFlowCache
@@ -27,6 +28,8 @@ from .guidance import GuidanceReuse, guidance_for
 from .meancache import MeanCache, uniform_schedule
 from .none import NoCache
 from .schedule import displacement_costs, shortest_path_schedule
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cache"
 
@@ -113,12 +116,30 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
     Calibrated edge costs come from the model's calibration file; without one the budget is
     spread evenly with JVP order k. warmup / last: steps the path must compute, as every other
     skipping policy does (its first `warmup` steps; its last step with `last=true`); the budget
-    includes them. estimator: `secant` (methods.md) or `slope` (caching/meancache.py).
+    includes them. estimator: `secant` (methods.md), `slope` or `fitted` (caching/meancache.py);
+    `fitted` takes its schedule and its per-step damping from the calibration file's slope
+    tables (a second-order shortest path: an edge's error depends on the computed step before
+    it), and without them warns and runs the `secant` schedule with plain reuse (alpha = 0).
     """
     budget = steps if budget is None else int(budget)
     force = _forced_steps(steps, warmup, last)
+    if estimator == "fitted" and cost != "displacement":
+        raise ConfigError("estimator=fitted chooses its schedule by the error of the latents reached "
+                          "(cost=displacement); drop cost=velocity or pick estimator=secant")
+    warned: list[bool] = []
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
+        if estimator == "fitted":
+            if budget >= ctx.steps:
+                return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
+            if entry is not None and entry.get("slope"):
+                schedule, alphas = fitted_schedule(entry["slope"], ctx.steps, budget, gamma, force)
+                return MeanCache(ctx, schedule, estimator, alphas)
+            if not warned:
+                warned.append(True)
+                log.warning("meancache estimator=fitted: the calibration has no slope tables (calibrated before "
+                            "they existed, or none); skipped steps reuse the last velocity. Run `arvideo calibrate` "
+                            "for this model and sampler to fit them.")
         return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), estimator)
 
     return _Factory(make, True, model_dir, calibrated=True)
@@ -154,7 +175,7 @@ POLICIES: dict[str, Callable[..., PolicyFactory]] = {
 PRESETS = POLICIES  # the built-in names; YAML presets in configs/cache/ are found by name too
 CHOICES = {"indicator": ("patch", "modulation"), "reuse": ("velocity", "mean", "residual"),
            "schedule": ("uniform", "nonuniform"), "cost": ("displacement", "velocity"),
-           "estimator": ("secant", "slope")}
+           "estimator": ("secant", "slope", "fitted")}
 
 
 def _parse_value(text: str) -> Any:

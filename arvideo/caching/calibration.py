@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .schedule import pair_shortest_path_schedule
+
 log = logging.getLogger(__name__)
 
 FILENAME = "cache_calibration.json"
@@ -60,3 +62,14 @@ def save_entry(path: Path, entry: dict) -> None:
     entries.append(entry)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"format": 1, "entries": entries}, indent=1))
+
+
+def fitted_schedule(slope: dict, n: int, budget: int, gamma: float = 2.0,
+                    force: tuple[int, ...] = ()) -> tuple[dict[int, int], dict[int, float]]:
+    """The fitted estimator's schedule {step: 1} and damping {step: alpha} from a `SlopeAccumulator.tables()`."""
+    costs = {(p, t, s): cost for p, t, s, _, cost in slope["edges"]}
+    alphas = {(p, t, s): alpha for p, t, s, alpha, _ in slope["edges"]}
+    compute = pair_shortest_path_schedule(slope["first"], costs, n, budget, gamma, force)
+    nodes = compute + [n]
+    damping = {t: float(alphas.get((p, t, s), 0.0)) for p, t, s in zip(nodes[:-2], nodes[1:-1], nodes[2:])}
+    return {t: 1 for t in compute}, {0: 0.0, **damping}

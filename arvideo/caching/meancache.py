@@ -20,7 +20,14 @@ from the chunk's last two *model* velocities, D = (v_t - v_p) / (sigma_t - sigma
 skipped step i the average of that line over the step:
     v_i = v_t + ((sigma_i + sigma_{i+1}) / 2 - sigma_t) * D
 (exact when the velocity is linear in sigma along the trajectory; plain reuse until a chunk has
-two computed steps).
+two computed steps). On this model the velocity is far from linear over 4-5 steps and the full
+slope overshoots (docs/caching.md).
+
+`estimator="fitted"`: the slope damped per computed step, v_i = v_t + alpha_t ((sigma_i +
+sigma_{i+1}) / 2 - sigma_t) D, with alpha_t in [0, 1] fitted by `arvideo calibrate` (least
+squares of the latents reached at the next computed step, over calibration trajectories, given
+the computed step before t) and the schedule chosen jointly by a second-order shortest path
+(`schedule.pair_shortest_path_schedule`). alpha = 0 is plain reuse, alpha = 1 the slope.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 
 from .base import PolicyContext
 
-ESTIMATORS = ("secant", "slope")
+ESTIMATORS = ("secant", "slope", "fitted")
 
 
 def finite_difference_jvp(z_t: torch.Tensor, sigma_t: float, z_r: torch.Tensor, sigma_r: float,
@@ -41,6 +48,13 @@ def finite_difference_jvp(z_t: torch.Tensor, sigma_t: float, z_r: torch.Tensor, 
     return (ubar - v_r) / span
 
 
+def slope_weight(sigmas: list[float], t: int, s: int) -> float:
+    """c(t, s) = sum over the skipped steps i = t+1..s-1 of (sigma_{i+1} - sigma_i) ((sigma_i + sigma_{i+1}) / 2 - sigma_t).
+
+    With slope D, the skipped steps of the edge t -> s move the latents by c(t, s) D beyond plain reuse."""
+    return sum((sigmas[i + 1] - sigmas[i]) * (0.5 * (sigmas[i] + sigmas[i + 1]) - sigmas[t]) for i in range(t + 1, s))
+
+
 def average_velocity(v_t: torch.Tensor, jvp: torch.Tensor, sigma_t: float, sigma_s: float) -> torch.Tensor:
     """u(z_t, t, s) = v_t + (s - t) du/dt: the average velocity over [sigma_t, sigma_s]."""
     return v_t + (sigma_s - sigma_t) * jvp
@@ -49,10 +63,12 @@ def average_velocity(v_t: torch.Tensor, jvp: torch.Tensor, sigma_t: float, sigma
 class MeanVelocity:
     """Per-chunk fp32 history of (sigma, latents, velocity used) and the skipped-step estimate."""
 
-    def __init__(self, ctx: PolicyContext, max_k: int, estimator: str = "secant") -> None:
+    def __init__(self, ctx: PolicyContext, max_k: int, estimator: str = "secant",
+                 alphas: dict[int, float] | None = None) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MeanCache estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         self.ctx, self.estimator = ctx, estimator
+        self.alphas = dict(alphas or {})  # "fitted": the slope's damping per computed step
         self.sigmas = [float(s) for s in ctx.sigmas]
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, max_k) + 1)
         self.jvp: torch.Tensor | None = None
@@ -61,7 +77,7 @@ class MeanVelocity:
 
     def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor, k: int) -> None:
         z, v = latents.float().clone(), velocity.float()
-        if self.estimator == "slope":
+        if self.estimator in ("slope", "fitted"):
             self.computed.append((step, v))
             self.jvp = None
             self._record(step, z, v)
@@ -72,13 +88,14 @@ class MeanVelocity:
     def reuse(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         if self.velocity is None:
             raise RuntimeError(f"chunk {self.ctx.chunk} skipped step {step} before any computed step")
-        if self.estimator == "slope":
+        if self.estimator in ("slope", "fitted"):
             (t, v_t) = self.computed[-1]
             v = v_t
-            if len(self.computed) == 2:
+            alpha = 1.0 if self.estimator == "slope" else float(self.alphas.get(t, 0.0))
+            if len(self.computed) == 2 and alpha != 0.0:
                 p, v_p = self.computed[0]
                 slope = (v_t - v_p) / (self.sigmas[t] - self.sigmas[p])
-                v = v_t + (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t]) * slope
+                v = v_t + alpha * (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t]) * slope
             self._record(step, latents.float().clone(), v)
             return v
         v = self.velocity
@@ -102,11 +119,12 @@ class MeanVelocity:
 class MeanCache:
     """Computes on a static schedule {step: K}; every other step uses the average-velocity estimate."""
 
-    def __init__(self, ctx: PolicyContext, schedule: dict[int, int], estimator: str = "secant") -> None:
+    def __init__(self, ctx: PolicyContext, schedule: dict[int, int], estimator: str = "secant",
+                 alphas: dict[int, float] | None = None) -> None:
         self.ctx = ctx
         self.schedule = dict(schedule)
         self.default_k = max(self.schedule.values(), default=1)
-        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1), estimator)
+        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1), estimator, alphas)
 
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
         return step in self.schedule

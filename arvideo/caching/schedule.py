@@ -89,3 +89,53 @@ def shortest_path_schedule(costs: dict[int, list[list[float]]], budget: int, gam
     compute = nodes[:-1]
     ks = [best[t][s] for t, s in zip(nodes[:-1], nodes[1:])]
     return Schedule(compute, ks, best_cost)
+
+
+def pair_shortest_path_schedule(first: list[float], costs: dict[tuple[int, int, int], float], n: int, budget: int,
+                                gamma: float = 2.0, force: tuple[int, ...] = ()) -> list[int]:
+    """The compute steps of the 0 -> n path with at most `budget` edges minimising sum cost^gamma,
+    where an edge's cost depends on the node before it as well (a second-order shortest path).
+
+    first[s]: cost of the first edge 0 -> s (no earlier computed step). costs[(p, t, s)]: cost of
+    the edge t -> s when the computed step before t was p (p < t < s). The fitted slope estimator
+    needs this: its skipped steps extrapolate from the model velocities at p and t.
+    D_b(t, s) = min_p D_{b-1}(p, t) + w(p, t, s), O(B n^3).
+    force: steps the path must compute. Returns the computed steps (ascending, 0 first).
+    """
+    forced = sorted({int(f) for f in force if 0 < int(f) < n})
+    inf = math.inf
+
+    def w(cost: float | None, t: int, s: int) -> float:
+        if cost is None or not math.isfinite(cost) or any(t < f < s for f in forced):
+            return inf
+        return max(cost, 0.0) ** gamma
+
+    budget = max(1, min(max(int(budget), len(forced) + 1), n))
+    d = {(0, s): w(first[s], 0, s) for s in range(1, n + 1)}  # D_1: state = the last edge (t, s)
+    parents: list[dict[tuple[int, int], int]] = [{}]
+    best_cost, best_state, best_b = inf, None, 0
+    for b in range(1, budget + 1):
+        for t in range(n):
+            if d.get((t, n), inf) < best_cost:
+                best_cost, best_state, best_b = d[(t, n)], (t, n), b
+        if b == budget:
+            break
+        nd: dict[tuple[int, int], float] = {}
+        par: dict[tuple[int, int], int] = {}
+        for (p, t), dist in d.items():
+            if not math.isfinite(dist) or t == n:
+                continue
+            for s in range(t + 1, n + 1):
+                value = dist + w(costs.get((p, t, s)), t, s)
+                if value < nd.get((t, s), inf):
+                    nd[(t, s)], par[(t, s)] = value, p
+        parents.append(par)
+        d = nd
+    if best_state is None:
+        raise ValueError("no path from step 0 to the last step: every edge cost is undefined")
+    nodes, (t, s) = [n], best_state
+    for b in range(best_b, 1, -1):
+        nodes.append(t)
+        t, s = parents[b - 1][(t, s)], t
+    nodes.append(t)
+    return sorted(set(nodes[1:]))
