@@ -451,7 +451,7 @@ def test_presets_resolve_from_configs_and_bad_names_say_what_to_change():
     name, params = parse_preset("fast:budget=5")
     assert name == "meancache" and params["budget"] == 5 and params["sampler"] == "euler"
     assert parse_preset("quality") == ("meancache", {"budget": 10, "gamma": 2.0, "cost": "displacement",
-                                                     "sampler": "euler"})
+                                                     "estimator": "fitted", "sampler": "euler"})
     with pytest.raises(ConfigError, match="available: .*fast"):
         make_policy_factory("fastest", STEPS)
     with pytest.raises(ConfigError, match="no parameter tua; valid: tau"):
