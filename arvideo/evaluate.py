@@ -31,6 +31,17 @@ def heldout_captions(count: int, seed_offset: int) -> list[tuple[int, str]]:
     return [(seed, sample_world(seed).spec.caption) for seed in range(seed_offset, seed_offset + count)]
 
 
+EVALUATION_SEEDS = range(10_000, 20_000)  # held-out captions; calibration uses < 10000, development >= 20000
+
+
+def describe_seeds(first: int, count: int) -> str:
+    """Names a run's captions by their world seeds: the held-out evaluation set or development captions."""
+    seeds = f"world seeds {first}..{first + count - 1}"
+    if first in EVALUATION_SEEDS and first + count - 1 in EVALUATION_SEEDS:
+        return "held-out " + seeds
+    return seeds + (" (development captions, not the evaluation set)" if first >= EVALUATION_SEEDS.stop else "")
+
+
 def generate_and_score(engine, base_cfg, captions: list[tuple[int, str]], save_dir: str | None = None,
                        progress: bool = False) -> list[dict]:
     """Generates one video per (seed, caption) with `engine` and scores it."""

@@ -198,7 +198,7 @@ def markdown(summary: list[dict], meta: dict) -> str:
     ref = next(s for s in summary if s["family"] == "none")
     lines = [
         f"Measured {meta['date']} on {meta['device']}; model `{meta['model']}` ({meta['model_note']}); "
-        f"{meta['captions']} held-out captions (world seeds {meta['seeds']}), {meta['frames']} frames, "
+        f"{meta['captions']} captions, {_seeds_label(meta['seeds'])}, {meta['frames']} frames, "
         f"{meta['steps']} {meta['sampler']} steps, schedule {meta['schedule']}.",
         "",
         f"Command: `{meta['command']}`",
@@ -225,6 +225,17 @@ def markdown(summary: list[dict], meta: dict) -> str:
               "the decoder (text encoding, denoising, sampler, policies).", ""]
     lines += goals(summary)
     return "\n".join(lines)
+
+
+def _seeds_label(seeds: str) -> str:
+    """"10000..10003" -> "held-out world seeds 10000..10003" (or development captions from 20000)."""
+    from arvideo.evaluate import describe_seeds
+
+    try:
+        first, last = (int(x) for x in seeds.split(".."))
+    except ValueError:
+        return f"world seeds {seeds}"
+    return describe_seeds(first, last - first + 1)
 
 
 def goals(summary: list[dict]) -> list[str]:

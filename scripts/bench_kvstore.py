@@ -144,10 +144,9 @@ def run_child(model: str | None, frames: int, seed: int, overrides: list[str], s
 # -- parent: sections --------------------------------------------------------------------------
 def caption_set(args) -> str:
     """Names the captions' world seeds: 10000-19999 are the evaluation set, 20000 on development ones."""
-    seeds = f"world seeds {args.seed}..{args.seed + args.captions - 1}"
-    if 10_000 <= args.seed and args.seed + args.captions <= 20_000:
-        return "held-out " + seeds
-    return seeds + (" (development captions, not the evaluation set)" if args.seed >= 20_000 else "")
+    from arvideo.evaluate import describe_seeds
+
+    return describe_seeds(args.seed, args.captions)
 
 
 def write_section(name: str, text: str) -> None:
