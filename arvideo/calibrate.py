@@ -7,7 +7,7 @@ seeds >= 10000), records every chunk's latents and velocities per step, and writ
   average velocity over [sigma_t, sigma_s], u_est what computing at t and extrapolating with
   the K-step JVP through s - 1 gives), and the peak-suppressed shortest-path schedules for the
   requested budgets and gammas;
-- the fitted slope estimator's tables (`estimator=fitted`): for every edge t -> s after the
+- (Euler only) the fitted slope estimator's tables (`estimator=fitted`): for every edge t -> s after the
   computed step p, the damping alpha of the slope (v_t - v_p) / (sigma_t - sigma_p) that best
   reproduces the latents reached at s (least squares, clipped to [0, 1]) and the RMS error left;
 - the degree-4 polynomial mapping the relative change of the timestep modulation to the
@@ -221,8 +221,9 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
                 s = shortest_path_schedule(table, budget, gamma)
                 schedules.append({"cost_kind": kind, "budget": int(budget), "gamma": float(gamma),
                                   "compute": s.compute, "K": s.ks, "cost": s.cost})
-    slope_tables = slope.tables()
-    for gamma in gammas:
+    # the fitted estimator is Euler's math and is used under Euler only (caching.build_meancache)
+    slope_tables = slope.tables() if sc.name == "euler" else None
+    for gamma in gammas if slope_tables else ():
         for budget in budgets:
             compute, alphas = fitted_schedule(slope_tables, r.steps, budget, gamma)
             schedules.append({"cost_kind": "fitted", "budget": int(budget), "gamma": float(gamma),
@@ -235,7 +236,7 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
         "modulation_change": x.tolist(), "velocity_change": y.tolist(),
         "modulation_poly": fit_polynomial(x, y),
         "costs": {str(k): tab for k, tab in costs.items()},
-        "slope": slope_tables,
+        **({"slope": slope_tables} if slope_tables else {}),
         "schedules": schedules,
     }
 

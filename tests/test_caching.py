@@ -437,12 +437,27 @@ def test_the_fitted_estimator_follows_its_calibrated_schedule_and_damping(engine
     table = {(p, t, s): a for p, t, s, a, _ in entry["slope"]["edges"]}
     nodes = fitted["compute"] + [STEPS]
     assert len(nodes) == 4 and fitted["alpha"][1:] == [table[e] for e in zip(nodes[:-2], nodes[1:-1], nodes[2:])]
-    # without slope tables (no calibration, or one from before them): plain reuse, and a warning naming the fix
+    # without slope tables (no calibration, or one from before them): the secant estimator, and a warning
     sig = torch.linspace(1, 0, STEPS + 1)
     with caplog.at_level("WARNING"):
         policy = make_policy_factory("meancache:budget=3,estimator=fitted", STEPS)(
             PolicyContext(0, STEPS, sig, sig[:-1] * 1000, None, None))
-    assert policy.mean.alphas == {} and "arvideo calibrate" in caplog.text
+    assert policy.mean.estimator == "secant" and "arvideo calibrate --sampler euler" in caplog.text
+    # under another sampler (its calibration has no slope tables: calibrate fits them for Euler only)
+    unipc = calibrate(engine, build_config(frames=5, overrides=["sampler.name=unipc"]), [(0, CAPTION)],
+                      budgets=(3,), gammas=(2.0,), ks=(1,))
+    assert "slope" not in unipc and not any(s["cost_kind"] == "fitted" for s in unipc["schedules"])
+    entry["sampler"] = "unipc"  # even slope tables would not be used under UniPC
+    save_entry(folder / FILENAME, entry)
+    caplog.clear()
+    try:
+        with caplog.at_level("WARNING"):
+            policy = make_policy_factory("meancache:budget=3,estimator=fitted", STEPS, folder)(
+                PolicyContext(0, STEPS, torch.tensor(entry["sigmas"]), torch.tensor(entry["sigmas"][:-1]) * 1000,
+                              None, None))
+    finally:
+        (folder / FILENAME).unlink()
+    assert policy.mean.estimator == "secant" and "measured worse under unipc" in caplog.text
     with pytest.raises(ConfigError, match="cost=displacement"):
         make_policy_factory("meancache:estimator=fitted,cost=velocity", STEPS)
 

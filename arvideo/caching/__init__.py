@@ -119,7 +119,9 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
     includes them. estimator: `secant` (methods.md), `slope` or `fitted` (caching/meancache.py);
     `fitted` takes its schedule and its per-step damping from the calibration file's slope
     tables (a second-order shortest path: an edge's error depends on the computed step before
-    it), and without them warns and runs the `secant` schedule with plain reuse (alpha = 0).
+    it). It is Euler's math and is used under the Euler sampler only: under another sampler, or
+    without slope tables, the policy runs `secant` (with a warning saying why), as the presets did
+    before session 13 (docs/caching.md: under UniPC the fitted estimator measured worse).
     """
     budget = steps if budget is None else int(budget)
     force = _forced_steps(steps, warmup, last)
@@ -129,18 +131,24 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
     warned: list[bool] = []
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
+        chosen = estimator
         if estimator == "fitted":
             if budget >= ctx.steps:
                 return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
-            if entry is not None and entry.get("slope"):
+            if entry is not None and entry.get("slope") and entry.get("sampler") == "euler":
                 schedule, alphas = fitted_schedule(entry["slope"], ctx.steps, budget, gamma, force)
                 return MeanCache(ctx, schedule, estimator, alphas)
+            chosen = "secant"
             if not warned:
                 warned.append(True)
-                log.warning("meancache estimator=fitted: the calibration has no slope tables (calibrated before "
-                            "they existed, or none); skipped steps reuse the last velocity. Run `arvideo calibrate` "
-                            "for this model and sampler to fit them.")
-        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), estimator)
+                if entry is not None and entry.get("sampler") != "euler":
+                    log.warning("meancache estimator=fitted is Euler's math and measured worse under %s; "
+                                "using the secant estimator (set sampler.name=euler to use it).", entry.get("sampler"))
+                else:
+                    log.warning("meancache estimator=fitted: no Euler calibration with slope tables for this step "
+                                "grid; using the secant estimator. Run `arvideo calibrate --sampler euler` for this "
+                                "model to fit them.")
+        return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), chosen)
 
     return _Factory(make, True, model_dir, calibrated=True)
 
