@@ -200,7 +200,8 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
     sc = r.cfg.sampler
     sampler = Sampler(sc.name, r.steps, sc.shift, sc.grid, engine.model.scheduler_config)
     acc = CostAccumulator(sampler.sigmas, tuple(ks))
-    slope = SlopeAccumulator(sampler.sigmas)
+    # the fitted estimator is Euler's math and is used under Euler only (caching.build_meancache)
+    slope = SlopeAccumulator(sampler.sigmas) if sc.name == "euler" else None
     for seed, caption in captions:
         recorder = Recorder()
         cfg = replace(base_cfg, prompt=caption, seed=seed, cache=replace(base_cfg.cache, preset=recorder))
@@ -208,7 +209,8 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
             traj = recorder.trajectories.pop(finished.index)
             traj.latents.append(finished.latents.float())
             acc.add(traj)
-            slope.add(traj)
+            if slope is not None:
+                slope.add(traj)
     modulation = [engine.backbone.modulation(t) for t in sampler.timesteps]
     x = np.array([relative_l1(modulation[i], modulation[i - 1]) for i in range(1, r.steps)])
     y = acc.velocity_change[1:] / max(acc.count, 1)
@@ -221,8 +223,7 @@ def calibrate(engine, base_cfg, captions: list[tuple[int, str]], budgets=(4, 6, 
                 s = shortest_path_schedule(table, budget, gamma)
                 schedules.append({"cost_kind": kind, "budget": int(budget), "gamma": float(gamma),
                                   "compute": s.compute, "K": s.ks, "cost": s.cost})
-    # the fitted estimator is Euler's math and is used under Euler only (caching.build_meancache)
-    slope_tables = slope.tables() if sc.name == "euler" else None
+    slope_tables = slope.tables() if slope is not None else None
     for gamma in gammas if slope_tables else ():
         for budget in budgets:
             compute, alphas = fitted_schedule(slope_tables, r.steps, budget, gamma)

@@ -129,6 +129,7 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
         raise ConfigError("estimator=fitted chooses its schedule by the error of the latents reached "
                           "(cost=displacement); drop cost=velocity or pick estimator=secant")
     warned: list[bool] = []
+    solved: dict[int, tuple[dict[int, int], dict[int, float]]] = {}  # one run, one entry: solve once
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
         chosen = estimator
@@ -136,7 +137,9 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
             if budget >= ctx.steps:
                 return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
             if entry is not None and entry.get("slope") and entry.get("sampler") == "euler":
-                schedule, alphas = fitted_schedule(entry["slope"], ctx.steps, budget, gamma, force)
+                if ctx.steps not in solved:
+                    solved[ctx.steps] = fitted_schedule(entry["slope"], ctx.steps, budget, gamma, force)
+                schedule, alphas = solved[ctx.steps]
                 return MeanCache(ctx, schedule, estimator, alphas)
             chosen = "secant"
             if not warned:

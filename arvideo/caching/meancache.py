@@ -76,12 +76,12 @@ class MeanVelocity:
         self.computed: deque[tuple[int, torch.Tensor]] = deque(maxlen=2)  # (step, model velocity), "slope"
 
     def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor, k: int) -> None:
-        z, v = latents.float().clone(), velocity.float()
-        if self.estimator in ("slope", "fitted"):
+        v = velocity.float()
+        if self.estimator in ("slope", "fitted"):  # they read model velocities only, no latents history
             self.computed.append((step, v))
-            self.jvp = None
-            self._record(step, z, v)
+            self.velocity = v
             return
+        z = latents.float().clone()
         self.jvp = self._jvp(step, z, k)
         self._record(step, z, v)
 
@@ -96,7 +96,7 @@ class MeanVelocity:
                 p, v_p = self.computed[0]
                 slope = (v_t - v_p) / (self.sigmas[t] - self.sigmas[p])
                 v = v_t + alpha * (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t]) * slope
-            self._record(step, latents.float().clone(), v)
+            self.velocity = v
             return v
         v = self.velocity
         if self.jvp is not None:
