@@ -198,7 +198,7 @@ def markdown(summary: list[dict], meta: dict) -> str:
     ref = next(s for s in summary if s["family"] == "none")
     lines = [
         f"Measured {meta['date']} on {meta['device']}; model `{meta['model']}` ({meta['model_note']}); "
-        f"{meta['captions']} captions, {_seeds_label(meta['seeds'])}, {meta['frames']} frames, "
+        f"{meta['captions']} captions, {meta.get('seed_set') or 'world seeds ' + meta['seeds']}, {meta['frames']} frames, "
         f"{meta['steps']} {meta['sampler']} steps, schedule {meta['schedule']}.",
         "",
         f"Command: `{meta['command']}`",
@@ -227,15 +227,16 @@ def markdown(summary: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _seeds_label(seeds: str) -> str:
-    """"10000..10003" -> "held-out world seeds 10000..10003" (or development captions from 20000)."""
+CONTENDERS = ("combination", "meancache-fitted")  # the issue's combination; what the presets run
+
+
+def seed_meta(seeds: list[int]) -> dict:
+    """meta's "seeds" ("10000..10003") and "seed_set" (held-out evaluation seeds, or development captions)."""
     from arvideo.evaluate import describe_seeds
 
-    try:
-        first, last = (int(x) for x in seeds.split(".."))
-    except ValueError:
-        return f"world seeds {seeds}"
-    return describe_seeds(first, last - first + 1)
+    if not seeds:
+        return {"seeds": "none", "seed_set": "no captions"}
+    return {"seeds": f"{seeds[0]}..{seeds[-1]}", "seed_set": describe_seeds(seeds[0], seeds[-1] - seeds[0] + 1)}
 
 
 def goals(summary: list[dict]) -> list[str]:
@@ -258,11 +259,11 @@ def goals(summary: list[dict]) -> list[str]:
     for s in summary:
         if s["family"] not in ("none", "presets") and s["psnr_tf"] is not None:
             curves.setdefault(s["family"], []).append((s["tokens"], s["psnr_tf"]))
-    for contender in ("combination", "meancache-fitted"):  # the issue's combination; what the presets run
+    for contender in CONTENDERS:
         for x, y in sorted(curves.get(contender, [])):
             rivals = []
             for fam, pts in curves.items():
-                if fam in ("combination", "meancache-fitted"):
+                if fam in CONTENDERS:
                     continue
                 other = interpolate(pts, x)
                 if other is not None:
@@ -349,7 +350,7 @@ def merge(args, argv) -> int:
         "model": args.model or "models/shapes-df", "model_note": "see the model's arvideo.json", "frames": args.frames,
         "steps": "?", "sampler": "(see command)", "schedule": "model default", "command": ""})
     meta["captions"] = len(complete)
-    meta["seeds"] = f"{complete[0]}..{complete[-1]}" if complete else "none"
+    meta.update(seed_meta(complete))
     meta["command"] = " ; ".join(m["command"] for m in metas if m) + " ; python scripts/bench_caching.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     report(rows, meta, args)
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_line(), "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
         "model_note": note or "no training record", "captions": len(captions),
-        "seeds": f"{captions[0][0]}..{captions[-1][0]}", "frames": args.frames, "steps": steps,
+        **seed_meta([seed for seed, _ in captions]), "frames": args.frames, "steps": steps,
         "sampler": r.cfg.sampler.name, "schedule": f"{r.cfg.schedule.name} ar_step={r.cfg.schedule.ar_step} "
         f"block={r.block}", "command": "python scripts/bench_caching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

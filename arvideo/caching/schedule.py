@@ -138,4 +138,4 @@ def pair_shortest_path_schedule(first: list[float], costs: dict[tuple[int, int, 
         nodes.append(t)
         t, s = parents[b - 1][(t, s)], t
     nodes.append(t)
-    return sorted(set(nodes[1:]))
+    return sorted(nodes[1:])
