@@ -223,9 +223,75 @@ def test_fitted_estimator_at_alpha_zero_is_reuse_and_at_one_the_slope():
     assert torch.allclose(runs["half"], (runs["reuse"] + runs["one"]) / 2, atol=1e-6)
 
 
+def test_per_edge_fitted_estimate_reaches_the_fitted_edge_whichever_step_computes_next():
+    # the combination's fitted estimate does not know the next computed step s while skipping; with
+    # the damping of every edge, the latents it reaches at any s must be those of MeanCache's fitted
+    # edge t -> s with alpha(p, t, s), and all-zero damping must be plain velocity reuse
+    from arvideo.caching.meancache import MeanVelocity
+
+    n, g = 9, torch.Generator().manual_seed(7)
+    sig = torch.linspace(1, 0, n + 1, dtype=torch.float64) ** 0.8
+    ctx = PolicyContext(0, n, sig, sig[:-1] * 1000, None, None)
+    v = [torch.randn(2, 5, generator=g, dtype=torch.float64) + 0.3 * k for k in range(n)]
+    z = [torch.randn(2, 5, generator=g, dtype=torch.float64)]
+    for k in range(n):
+        z.append(z[-1] + (sig[k + 1] - sig[k]) * v[k])
+    p, t = 1, 3
+    edges = {(p, t, s): 0.05 + 0.9 * ((s * 7) % 5) / 5 for s in range(t + 1, n + 1)}  # uneven in s, on purpose
+    zeros = {e: 0.0 for e in edges}
+    for s in range(t + 2, n + 1):
+        for table, reuse in ((edges, False), (zeros, True)):
+            mean = MeanVelocity(ctx, 1, "fitted", edge_alphas=table)
+            mean.observe(p, z[p], v[p], 1)
+            mean.observe(t, z[t], v[t], 1)
+            x = z[t] + (sig[t + 1] - sig[t]) * v[t]
+            for i in range(t + 1, s):
+                x = x + (sig[i + 1] - sig[i]) * mean.reuse(i, x).double()
+            if reuse:
+                expected = z[t] + (sig[s] - sig[t]) * v[t]
+            else:
+                expected = _run_fitted_edge(z, v, sig, p, t, s, table[(p, t, s)])
+            assert torch.allclose(x, expected, rtol=0, atol=1e-5), (s, reuse)
+    with pytest.raises(ValueError, match="estimator='fitted'"):
+        MeanVelocity(ctx, 1, "secant", edge_alphas=edges)
+
+
+def test_combination_with_the_fitted_estimator_uses_the_calibrated_edges(engine, folder, caplog):
+    from arvideo.caching.calibration import FILENAME, edge_alphas, fitted_schedule, save_entry
+    from arvideo.calibrate import calibrate
+
+    entry = calibrate(engine, build_config(frames=5, overrides=["sampler.name=euler"]), [(0, CAPTION)],
+                      budgets=(3,), gammas=(2.0,), ks=(1,))
+    entry["slope"]["edges"] = [[p, t, s, round(0.01 * (p + 1) + 0.1 * t + 0.001 * s, 6), c]
+                               for p, t, s, _, c in entry["slope"]["edges"]]
+    save_entry(folder / FILENAME, entry)
+    sig = torch.tensor(entry["sigmas"])
+    ctx = PolicyContext(0, STEPS, sig, sig[:-1] * 1000, None, None)
+    try:
+        policy = make_policy_factory("combination:tau=0.5,warmup=2,estimator=fitted", STEPS, folder)(ctx)
+        floor = make_policy_factory("combination:tau=0.5,warmup=2,budget=4,estimator=fitted", STEPS, folder)(ctx)
+        entry["sampler"] = "unipc"  # the only entry for this grid now, with slope tables it must not use
+        (folder / FILENAME).unlink()
+        save_entry(folder / FILENAME, entry)
+        with caplog.at_level("WARNING"):
+            fallback = make_policy_factory("combination:tau=0.5,estimator=fitted", STEPS, folder)(ctx)
+    finally:
+        (folder / FILENAME).unlink()
+    assert policy.reuser.estimator == "fitted" and policy.reuser.edge_alphas == edge_alphas(entry["slope"])
+    assert policy.schedule == {}
+    # with a budget the floor is the fitted schedule through the forced warm-up and last step
+    assert sorted(floor.schedule) == sorted(fitted_schedule(entry["slope"], STEPS, 4, 2.0, (0, 1, STEPS - 1))[0])
+    assert {0, 1, STEPS - 1} <= set(floor.schedule)
+    assert fallback.reuser.estimator == "secant" and "combination estimator=fitted" in caplog.text
+    for bad in ("combination:estimator=slope", "combination:estimator=fitted,cost=velocity"):
+        with pytest.raises(ConfigError):
+            make_policy_factory(bad, STEPS)
+
+
 # -- exactness through the engine ---------------------------------------------------------------
 @pytest.mark.parametrize("preset,ar_step", [
     ("flowcache:tau=0", 1), ("flowcache:tau=0,indicator=modulation", 1), ("combination:tau=0", 1),
+    ("combination:tau=0,estimator=fitted", 1), ("combination:tau=0,indicator=slope,estimator=fitted", 1),
     (f"meancache:budget={STEPS}", 1), (f"meancache:budget={STEPS},estimator=fitted", 1), ("teacache:tau=0", 1), ("fora:interval=1", 1), ("deepcache:interval=1", 1),
     ("flowcache:tau=0,reuse=residual", 1),
     ("flowcache:tau=0,reuse=mean,k=3", 0), ("teacache:tau=0", 0), ("deepcache:interval=1", 0),
@@ -309,6 +375,28 @@ def test_two_chunks_in_flight_decide_alone_from_their_own_inputs():
     # chunk 0's latents change by 1%, chunk 1's by 50%: same step, same tau, opposite decisions
     assert not still.should_compute(1, x * 1.01)
     assert moving.should_compute(1, x * 1.5)
+
+
+def test_slope_indicator_predicts_each_chunks_drift_from_its_own_model_velocities():
+    from arvideo.caching.meancache import slope_weight
+
+    sig = torch.linspace(1, 0, 9) ** 0.8
+    ctx = lambda i: PolicyContext(i, 8, sig, sig[:-1] * 1000, None, None)  # noqa: E731
+    steady, turning = (FlowCache(ctx(i), tau=0.02, warmup=1, indicator="slope") for i in (0, 1))
+    v0, x = torch.ones(6), torch.zeros(6)
+    for policy, v1 in ((steady, v0 * 1.01), (turning, v0 * 1.5)):
+        assert policy.should_compute(0, x)
+        policy.observe(0, x, v0)
+        assert policy.should_compute(1, x)  # one model velocity: no slope yet, so it computes
+        policy.observe(1, x, v1)
+    sigf = [float(s) for s in sig]
+    for step in (2, 3):  # the drift predicted for skipping 2..step: c(1, step + 1) mean|D| / mean|v_1|
+        expected = slope_weight(sigf, 1, step + 1) * (0.5 / (sigf[0] - sigf[1])) / 1.5
+        assert turning.slope.predicted(step) == pytest.approx(expected, rel=1e-5)
+    # same step, same tau: the chunk whose velocity barely moves skips, the turning one computes
+    assert not steady.should_compute(2, x) and turning.should_compute(2, x)
+    with pytest.raises(ValueError, match="reuse='mean'"):
+        FlowCache(ctx(0), tau=0.1, estimator="fitted")
 
 
 def test_flowcache_chunks_in_flight_make_different_decisions_in_the_engine(engine, monkeypatch):

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..samplers import SAMPLERS
 from .base import CachePolicy, PolicyContext, PolicyFactory
 from .baselines import Fora, TeaCache, TickDecision
-from .calibration import costs_from_entry, find_entry, fitted_schedule
+from .calibration import costs_from_entry, edge_alphas, find_entry, fitted_schedule
 from .common import IDENTITY_POLY
 from .deepcache import DeepCache
 from .flowcache import FlowCache, ResidualFlowCache
@@ -70,18 +70,40 @@ def build_flowcache(steps: int, model_dir, tau: float = 0.05, warmup: int = 5, i
 
 def build_combination(steps: int, model_dir, tau: float = 0.05, warmup: int = 3, indicator: str = "patch",
                       k: int = 2, max_skip: int | None = None, budget: int | None = None, gamma: float = 2.0,
-                      cost: str = "displacement"):
+                      cost: str = "displacement", estimator: str = "secant", last: bool = True):
     """Per-chunk FlowCache decisions; skipped steps take MeanCache's average velocity.
 
     budget: also compute the calibrated MeanCache schedule of this many calls (with its K per step);
     FlowCache's indicator then adds computes on top of it, per chunk.
+    estimator: `secant` (methods.md's JVP) or `fitted` (the calibrated damped slope of the chunk's
+    last two model velocities, per edge, caching/meancache.py; with `budget`, the floor is the
+    fitted schedule). `fitted` needs the model's Euler calibration with slope tables and the Euler
+    sampler; otherwise the policy warns and runs `secant`, as `meancache` does.
+    last: force the chunk's last step (FlowCache's rule; `last=false` lets the indicator decide).
     """
+    if estimator == "slope":
+        raise ConfigError("combination takes estimator=secant or estimator=fitted (slope is meancache's diagnostic)")
+    if estimator == "fitted" and cost != "displacement":
+        raise ConfigError("estimator=fitted chooses its schedule by the error of the latents reached "
+                          "(cost=displacement); drop cost=velocity or pick estimator=secant")
+    fitted = _FittedTables("combination")
+    # the fitted floor runs through the steps FlowCache forces anyway (its warm-up and last step)
+    force = _forced_steps(steps, warmup, bool(last)) if estimator == "fitted" and budget is not None else ()
 
     def make(ctx: PolicyContext, entry: dict | None) -> FlowCache:
-        schedule = _schedule(ctx, entry, budget, gamma, k, cost) if budget is not None else None
-        return FlowCache(ctx, tau, warmup, indicator, _poly(entry), "mean", k, max_skip, schedule)
+        slope = fitted(entry) if estimator == "fitted" else None
+        if slope is None:
+            schedule = _schedule(ctx, entry, budget, gamma, k, cost) if budget is not None else None
+            return FlowCache(ctx, tau, warmup, indicator, _poly(entry), "mean", k, max_skip, schedule, last=bool(last))
+        schedule = None
+        if budget is not None:
+            schedule = (fitted.solve(slope, ctx.steps, budget, gamma, force)[0] if budget < ctx.steps
+                        else {s: 1 for s in range(ctx.steps)})
+        return FlowCache(ctx, tau, warmup, indicator, _poly(entry), "mean", 1, max_skip, schedule,
+                         estimator="fitted", edge_alphas=fitted.edges(slope), last=bool(last))
 
-    return _Factory(make, True, model_dir, calibrated=budget is not None or indicator == "modulation")
+    return _Factory(make, True, model_dir,
+                    calibrated=budget is not None or indicator == "modulation" or estimator == "fitted")
 
 
 def _schedule(ctx: PolicyContext, entry: dict | None, budget: int, gamma: float, k: int,
@@ -128,32 +150,56 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
     if estimator == "fitted" and cost != "displacement":
         raise ConfigError("estimator=fitted chooses its schedule by the error of the latents reached "
                           "(cost=displacement); drop cost=velocity or pick estimator=secant")
-    warned: list[bool] = []
-    solved: dict[int, tuple[dict[int, int], dict[int, float]]] = {}  # one run, one entry: solve once
+    fitted = _FittedTables("meancache")
 
     def make(ctx: PolicyContext, entry: dict | None) -> MeanCache:
-        chosen = estimator
-        if estimator == "fitted":
-            if budget >= ctx.steps:
-                return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
-            if entry is not None and entry.get("slope") and entry.get("sampler") == "euler":
-                if ctx.steps not in solved:
-                    solved[ctx.steps] = fitted_schedule(entry["slope"], ctx.steps, budget, gamma, force)
-                schedule, alphas = solved[ctx.steps]
-                return MeanCache(ctx, schedule, estimator, alphas)
-            chosen = "secant"
-            if not warned:
-                warned.append(True)
-                if entry is not None and entry.get("sampler") != "euler":
-                    log.warning("meancache estimator=fitted is Euler's math and measured worse under %s; "
-                                "using the secant estimator (set sampler.name=euler to use it).", entry.get("sampler"))
-                else:
-                    log.warning("meancache estimator=fitted: no Euler calibration with slope tables for this step "
-                                "grid; using the secant estimator. Run `arvideo calibrate --sampler euler` for this "
-                                "model to fit them.")
+        if estimator == "fitted" and budget >= ctx.steps:
+            return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
+        slope = fitted(entry) if estimator == "fitted" else None
+        if slope is not None:
+            schedule, alphas = fitted.solve(slope, ctx.steps, budget, gamma, force)
+            return MeanCache(ctx, schedule, estimator, alphas)
+        chosen = "secant" if estimator == "fitted" else estimator
         return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), chosen)
 
     return _Factory(make, True, model_dir, calibrated=True)
+
+
+class _FittedTables:
+    """The fitted estimator's calibration for one run: the slope tables of the model's Euler entry,
+    the schedule solved once per step grid, and one warning naming the fix when they are missing."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.warned = False
+        self.solved: dict[tuple, tuple[dict[int, int], dict[int, float]]] = {}
+        self._edges: dict[int, dict] = {}
+
+    def __call__(self, entry: dict | None) -> dict | None:
+        """The entry's slope tables, or None (and a warning, once) when the policy must run `secant`."""
+        if entry is not None and entry.get("slope") and entry.get("sampler") == "euler":
+            return entry["slope"]
+        if not self.warned:
+            self.warned = True
+            if entry is not None and entry.get("sampler") != "euler":
+                log.warning("%s estimator=fitted is Euler's math and measured worse under %s; using the secant "
+                            "estimator (set sampler.name=euler to use it).", self.policy, entry.get("sampler"))
+            else:
+                log.warning("%s estimator=fitted: no Euler calibration with slope tables for this step grid; "
+                            "using the secant estimator. Run `arvideo calibrate --sampler euler` for this model "
+                            "to fit them.", self.policy)
+        return None
+
+    def solve(self, slope: dict, n: int, budget: int, gamma: float, force: tuple[int, ...]):
+        key = (n, budget, gamma, force)
+        if key not in self.solved:
+            self.solved[key] = fitted_schedule(slope, n, budget, gamma, force)
+        return self.solved[key]
+
+    def edges(self, slope: dict) -> dict[tuple[int, int, int], float]:
+        if id(slope) not in self._edges:
+            self._edges[id(slope)] = edge_alphas(slope)
+        return self._edges[id(slope)]
 
 
 def build_teacache(steps: int, model_dir, tau: float = 0.1, warmup: int = 1):
@@ -184,7 +230,7 @@ POLICIES: dict[str, Callable[..., PolicyFactory]] = {
     "meancache": build_meancache, "teacache": build_teacache, "fora": build_fora, "deepcache": build_deepcache,
 }
 PRESETS = POLICIES  # the built-in names; YAML presets in configs/cache/ are found by name too
-CHOICES = {"indicator": ("patch", "modulation"), "reuse": ("velocity", "mean", "residual"),
+CHOICES = {"indicator": ("patch", "modulation", "slope"), "reuse": ("velocity", "mean", "residual"),
            "schedule": ("uniform", "nonuniform"), "cost": ("displacement", "velocity"),
            "estimator": ("secant", "slope", "fitted")}
 

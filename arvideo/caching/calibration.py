@@ -64,11 +64,16 @@ def save_entry(path: Path, entry: dict) -> None:
     path.write_text(json.dumps({"format": 1, "entries": entries}, indent=1))
 
 
+def edge_alphas(slope: dict) -> dict[tuple[int, int, int], float]:
+    """The fitted estimator's damping per edge {(p, t, s): alpha} from a `SlopeAccumulator.tables()`."""
+    return {(int(p), int(t), int(s)): float(alpha) for p, t, s, alpha, _ in slope["edges"]}
+
+
 def fitted_schedule(slope: dict, n: int, budget: int, gamma: float = 2.0,
                     force: tuple[int, ...] = ()) -> tuple[dict[int, int], dict[int, float]]:
     """The fitted estimator's schedule {step: 1} and damping {step: alpha} from a `SlopeAccumulator.tables()`."""
     costs = {(p, t, s): cost for p, t, s, _, cost in slope["edges"]}
-    alphas = {(p, t, s): alpha for p, t, s, alpha, _ in slope["edges"]}
+    alphas = edge_alphas(slope)
     compute = pair_shortest_path_schedule(slope["first"], costs, n, budget, gamma, force)
     nodes = compute + [n]
     damping = {t: float(alphas.get((p, t, s), 0.0)) for p, t, s in zip(nodes[:-2], nodes[1:-1], nodes[2:])}

@@ -8,9 +8,16 @@ Indicators (methods.md section 2):
 A chunk accumulates A += r and reuses while A < tau; otherwise it computes and resets A = 0.
 It always computes its first `warmup` steps and its last step.
 
+A third indicator, `slope` (arvideo's, not the paper's), reads the chunk's model velocities
+instead of its inputs: after computed steps p < t, skipping t+1..i leaves the latents at i+1
+about c(t, i+1) |D| away from where plain reuse puts them (D = (v_t - v_p) / (sigma_t - sigma_p),
+c = meancache.slope_weight: the velocity's own change over the skipped span), so
+A = c(t, i+1) mean|D| / mean|v_t| (in units of sigma) is the chunk's predicted drift, and it
+computes once A >= tau. A chunk with one computed step computes (no slope yet).
+
 What a skipped step reuses: the chunk's last velocity, which the sampler scales by the current
 step's dt (`reuse="velocity"`), MeanCache's average-velocity estimate (`reuse="mean"`, the
-combination), or the chunk's residual across all transformer blocks (`reuse="residual"`,
+combination; with `estimator="fitted"` the calibrated damped slope, caching/meancache.py), or the chunk's residual across all transformer blocks (`reuse="residual"`,
 `ResidualFlowCache`): the chunk then still joins the call but runs only the patch embedding and
 the output head on its current latents and timestep, with every block's K/V kept. An optional
 static schedule (MeanCache's calibrated one) makes its steps compute whatever the indicator
@@ -23,9 +30,9 @@ import torch
 from .base import PolicyContext
 from .common import IDENTITY_POLY, ForcedSteps, VelocityReuse, polyval, relative_l1
 from .deepcache import DeepPlan
-from .meancache import MeanVelocity
+from .meancache import MeanVelocity, slope_weight
 
-INDICATORS = ("patch", "modulation")
+INDICATORS = ("patch", "modulation", "slope")
 REUSE = ("velocity", "mean", "residual")
 
 
@@ -58,35 +65,69 @@ class ChangeIndicator:
         return self.change
 
 
+class SlopeIndicator:
+    """The `slope` indicator: the drift a chunk predicts for skipping, from its last two model velocities."""
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.sigmas = [float(x) for x in ctx.sigmas]
+        self.last: tuple[int, torch.Tensor] | None = None
+        self.rate: float | None = None  # mean|D| / mean|v_t| at the last computed step t
+        self.step: int | None = None
+
+    def observe(self, step: int, velocity: torch.Tensor) -> None:
+        v = velocity.float()
+        if self.last is not None:
+            p, v_p = self.last
+            slope = (v - v_p).abs().mean() / abs(self.sigmas[step] - self.sigmas[p])
+            self.rate = (slope / (v.abs().mean() + 1e-8)).item()
+        self.last, self.step = (step, v), step
+
+    def predicted(self, step: int) -> float:
+        """A for skipping step `step` (and every step since the last computed one)."""
+        if self.rate is None or self.step is None:
+            return float("inf")
+        return abs(slope_weight(self.sigmas, self.step, step + 1)) * self.rate
+
+
 class FlowCache:
     """One chunk's FlowCache state: accumulated change against tau, warm-up and last step forced."""
 
     def __init__(self, ctx: PolicyContext, tau: float, warmup: int = 5, indicator: str = "patch",
                  poly=IDENTITY_POLY, reuse: str = "velocity", k: int = 2, max_skip: int | None = None,
-                 schedule: dict[int, int] | None = None) -> None:
+                 schedule: dict[int, int] | None = None, estimator: str = "secant",
+                 edge_alphas: dict[tuple[int, int, int], float] | None = None, last: bool = True) -> None:
         if reuse not in REUSE:
             raise ValueError(f"unknown FlowCache reuse {reuse!r}; choose one of {', '.join(REUSE)}")
         self.ctx, self.tau, self.k = ctx, float(tau), int(k)
         # optional static floor (a MeanCache schedule {step: K}): these steps always compute
         self.schedule = dict(schedule or {})
-        self.forced = ForcedSteps(ctx, warmup)
-        self.indicator = ChangeIndicator(ctx, indicator, poly)
+        self.forced = ForcedSteps(ctx, warmup, last)
+        self.slope = SlopeIndicator(ctx) if indicator == "slope" else None
+        self.indicator = None if self.slope else ChangeIndicator(ctx, indicator, poly)
         self.max_skip = max_skip
         self.accumulated = 0.0
         self.skipped_in_a_row = 0
         max_k = max([self.k, *self.schedule.values()])
-        self.reuser = MeanVelocity(ctx, max_k) if reuse == "mean" else VelocityReuse(ctx)
+        if reuse != "mean" and (estimator != "secant" or edge_alphas is not None):
+            raise ValueError("estimator and edge_alphas choose MeanCache's estimate: they need reuse='mean'")
+        self.reuser = MeanVelocity(ctx, max_k, estimator, edge_alphas=edge_alphas) if reuse == "mean" else VelocityReuse(ctx)
 
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
-        change = self.indicator.update(step, latents)
+        change = self.indicator.update(step, latents) if self.indicator else 0.0
         if (self.forced(step) or step in self.schedule
                 or (self.max_skip is not None and self.skipped_in_a_row >= self.max_skip)):
             return True
-        self.accumulated += change
+        if self.slope:  # the predicted drift is already the whole span's
+            self.accumulated = self.slope.predicted(step)
+        else:
+            self.accumulated += change
         return self.accumulated >= self.tau
 
     def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
-        self.indicator.update(step, latents)  # steps the engine forced without asking
+        if self.indicator:
+            self.indicator.update(step, latents)  # steps the engine forced without asking
+        else:
+            self.slope.observe(step, velocity)
         self.accumulated = 0.0
         self.skipped_in_a_row = 0
         if isinstance(self.reuser, MeanVelocity):

@@ -28,6 +28,15 @@ sigma_{i+1}) / 2 - sigma_t) D, with alpha_t in [0, 1] fitted by `arvideo calibra
 squares of the latents reached at the next computed step, over calibration trajectories, given
 the computed step before t) and the schedule chosen jointly by a second-order shortest path
 (`schedule.pair_shortest_path_schedule`). alpha = 0 is plain reuse, alpha = 1 the slope.
+
+Without a static schedule (the combination: FlowCache decides each step, so the next computed
+step s is not known while skipping) `fitted` takes the calibrated damping of every edge,
+alpha(p, t, s), and moves the latents after each skipped step i exactly where the edge
+t -> i + 1 would have put them:
+    v_i = v_t + (alpha(p, t, i + 1) c(t, i + 1) - alpha(p, t, i) c(t, i)) / (sigma_{i+1} - sigma_i) D
+(`slope_weight` c, c(t, t + 1) = 0). Summed over an edge's skipped steps it telescopes to
+alpha(p, t, s) c(t, s) D: whichever step s the policy computes next, the latents reached there
+are those of MeanCache's fitted edge t -> s.
 """
 from __future__ import annotations
 
@@ -64,11 +73,15 @@ class MeanVelocity:
     """Per-chunk fp32 history of (sigma, latents, velocity used) and the skipped-step estimate."""
 
     def __init__(self, ctx: PolicyContext, max_k: int, estimator: str = "secant",
-                 alphas: dict[int, float] | None = None) -> None:
+                 alphas: dict[int, float] | None = None,
+                 edge_alphas: dict[tuple[int, int, int], float] | None = None) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MeanCache estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if edge_alphas is not None and estimator != "fitted":
+            raise ValueError("edge_alphas are the fitted estimator's damping; pass estimator='fitted'")
         self.ctx, self.estimator = ctx, estimator
         self.alphas = dict(alphas or {})  # "fitted": the slope's damping per computed step
+        self.edge_alphas = edge_alphas  # "fitted" without a schedule: the damping per edge (p, t, s)
         self.sigmas = [float(s) for s in ctx.sigmas]
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, max_k) + 1)
         self.jvp: torch.Tensor | None = None
@@ -91,11 +104,11 @@ class MeanVelocity:
         if self.estimator in ("slope", "fitted"):
             (t, v_t) = self.computed[-1]
             v = v_t
-            alpha = 1.0 if self.estimator == "slope" else float(self.alphas.get(t, 0.0))
-            if len(self.computed) == 2 and alpha != 0.0:
+            if len(self.computed) == 2:
                 p, v_p = self.computed[0]
-                slope = (v_t - v_p) / (self.sigmas[t] - self.sigmas[p])
-                v = v_t + alpha * (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t]) * slope
+                weight = self._slope_weight(p, t, step)
+                if weight != 0.0:
+                    v = v_t + weight * ((v_t - v_p) / (self.sigmas[t] - self.sigmas[p]))
             self.velocity = v
             return v
         v = self.velocity
@@ -103,6 +116,16 @@ class MeanVelocity:
             v = v + (self.sigmas[step + 1] - self.sigmas[step]) * self.jvp
         self._record(step, latents.float().clone(), v)
         return v
+
+    def _slope_weight(self, p: int, t: int, step: int) -> float:
+        """The factor of the slope D in skipped step `step`'s velocity (computed steps p < t < step)."""
+        if self.edge_alphas is not None:  # per edge, telescoping (module docstring)
+            sig = self.sigmas
+            after = self.edge_alphas.get((p, t, step + 1), 0.0) * slope_weight(sig, t, step + 1)
+            before = self.edge_alphas.get((p, t, step), 0.0) * slope_weight(sig, t, step) if step > t + 1 else 0.0
+            return (after - before) / (sig[step + 1] - sig[step])
+        alpha = 1.0 if self.estimator == "slope" else float(self.alphas.get(t, 0.0))
+        return alpha * (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t])
 
     def _jvp(self, step: int, z: torch.Tensor, k: int) -> torch.Tensor | None:
         """J from the entry K steps back; None (J = 0) when that step is not in the history."""
