@@ -37,6 +37,7 @@ WORLD = ("adherence", "persistence", "smoothness", "spurious", "background", "fl
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # family -> list of (label, preset, steps override); steps None = the model's steps
+SLOPE = "indicator=slope,estimator=fitted,warmup=1,last=false"
 SWEEPS = {
     "quick": {
         "fewer-steps": [("1/2 steps", "none", 0.5), ("1/4 steps", "none", 0.25)],
@@ -47,6 +48,7 @@ SWEEPS = {
         "meancache": [("B 1/2", "meancache:budget={half}", None), ("B 1/4", "meancache:budget={quarter}", None)],
         "combination": [("tau 0.2", "combination:tau=0.2,warmup=2", None),
                         ("tau 0.6", "combination:tau=0.6,warmup=2", None)],
+        "combination-slope": [("B 1/4 + tau 0.15", f"combination:tau=0.15,budget={{quarter}},{SLOPE}", None)],
         "deepcache": [("1:2", "deepcache:interval=2", None), ("1:4", "deepcache:interval=4", None)],
         "presets": [("fast", "fast", None), ("quality", "quality", None)],
     },
@@ -73,6 +75,13 @@ SWEEPS = {
                         ("tau 0.3", "combination:tau=0.3,warmup=2", None),
                         ("tau 0.8", "combination:tau=0.8,warmup=2", None),
                         ("B 1/5 + tau 0.5", "combination:tau=0.5,warmup=1,budget={fifth}", None)],
+        # the combination as it works best on v5 (session 14): FlowCache's per-chunk decisions by the
+        # slope indicator, the fitted estimator for skipped steps, optionally on a calibrated floor
+        "combination-slope": [("tau 0.02", f"combination:tau=0.02,{SLOPE}", None),
+                              ("tau 0.04", f"combination:tau=0.04,{SLOPE}", None),
+                              ("B 1/3 + tau 0.15", f"combination:tau=0.15,budget={{third}},{SLOPE}", None),
+                              ("B 1/4 + tau 0.15", f"combination:tau=0.15,budget={{quarter}},{SLOPE}", None),
+                              ("B 1/5 + tau 0.08", f"combination:tau=0.08,budget={{fifth}},{SLOPE}", None)],
         "deepcache": [("1:2", "deepcache:interval=2", None), ("1:4", "deepcache:interval=4", None),
                       ("1:4 non-uniform", "deepcache:interval=4,schedule=nonuniform", None)],
         "presets": [("fast", "fast", None), ("quality", "quality", None)],
@@ -227,7 +236,8 @@ def markdown(summary: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-CONTENDERS = ("combination", "meancache-fitted")  # the issue's combination; what the presets run
+CONTENDERS = ("combination", "combination-slope", "meancache-fitted")  # the issue's combination (two
+# forms); what the presets run
 
 
 def seed_meta(seeds: list[int]) -> dict:

@@ -708,3 +708,19 @@ def test_guidance_reuse_decides_per_chunk_and_rejects_bad_settings():
     with pytest.raises(ConfigError, match="guidance_warmup"):
         make_policy_factory("none:guidance_warmup=0", STEPS)
     assert make_policy_factory("fast:guidance_every=3", STEPS).guidance == (3, 1)
+
+
+def test_cache_decisions_script_prints_the_steps_each_chunk_computed(folder, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cache_decisions.py"
+    spec = importlib.util.spec_from_file_location("cache_decisions", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # uncalibrated meancache at budget 3 of 6 steps: the even spread 0, 2, 4 in every chunk
+    assert script.main(["meancache:budget=3", "--model", str(folder), "--frames", "9", "--caption", CAPTION,
+                        "--chunks", "0", "1", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "chunk 0: computed 3 of 6 steps: 0, 2, 4" in out and "chunk 1: computed 3 of 6 steps: 0, 2, 4" in out
+    assert "chunk 7: not in this video" in out
