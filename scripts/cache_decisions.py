@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arvideo.caching import make_policy_factory, preset_sampler  # noqa: E402
-from arvideo.config import build_config  # noqa: E402
-from arvideo.engine import Engine  # noqa: E402
-from arvideo.evaluate import heldout_captions  # noqa: E402
+from arvideo.caching import make_policy_factory, preset_sampler
+from arvideo.config import build_config
+from arvideo.engine import Engine
+from arvideo.evaluate import heldout_captions
 
 
 class Recorder:
