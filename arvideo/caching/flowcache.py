@@ -17,9 +17,10 @@ computes once A >= tau. A chunk with one computed step computes (no slope yet).
 
 What a skipped step reuses: the chunk's last velocity, which the sampler scales by the current
 step's dt (`reuse="velocity"`), MeanCache's average-velocity estimate (`reuse="mean"`, the
-combination; with `estimator="fitted"` the calibrated damped slope, caching/meancache.py), or the chunk's residual across all transformer blocks (`reuse="residual"`,
-`ResidualFlowCache`): the chunk then still joins the call but runs only the patch embedding and
-the output head on its current latents and timestep, with every block's K/V kept. An optional
+combination; with `estimator="fitted"` the calibrated damped slope, caching/meancache.py), or
+the chunk's residual across all transformer blocks (`reuse="residual"`, `ResidualFlowCache`):
+the chunk then still joins the call but runs only the patch embedding and the output head on
+its current latents and timestep, with every block's K/V kept. An optional
 static schedule (MeanCache's calibrated one) makes its steps compute whatever the indicator
 says: the indicator then only adds computes where a chunk changes faster than calibrated.
 """
@@ -103,7 +104,7 @@ class FlowCache:
         self.schedule = dict(schedule or {})
         self.forced = ForcedSteps(ctx, warmup, last)
         self.slope = SlopeIndicator(ctx) if indicator == "slope" else None
-        self.indicator = None if self.slope else ChangeIndicator(ctx, indicator, poly)
+        self.indicator = None if self.slope is not None else ChangeIndicator(ctx, indicator, poly)
         self.max_skip = max_skip
         self.accumulated = 0.0
         self.skipped_in_a_row = 0
@@ -113,18 +114,18 @@ class FlowCache:
         self.reuser = MeanVelocity(ctx, max_k, estimator, edge_alphas=edge_alphas) if reuse == "mean" else VelocityReuse(ctx)
 
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
-        change = self.indicator.update(step, latents) if self.indicator else 0.0
+        change = self.indicator.update(step, latents) if self.indicator is not None else 0.0
         if (self.forced(step) or step in self.schedule
                 or (self.max_skip is not None and self.skipped_in_a_row >= self.max_skip)):
             return True
-        if self.slope:  # the predicted drift is already the whole span's
+        if self.slope is not None:  # the predicted drift is already the whole span's
             self.accumulated = self.slope.predicted(step)
         else:
             self.accumulated += change
         return self.accumulated >= self.tau
 
     def observe(self, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
-        if self.indicator:
+        if self.indicator is not None:
             self.indicator.update(step, latents)  # steps the engine forced without asking
         else:
             self.slope.observe(step, velocity)
