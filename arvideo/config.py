@@ -55,6 +55,7 @@ class KVConfig:
     queries: str = "chunk"  # scored: chunk (every query being denoised) | last-frame (their last latent frame)
     protect_sink: bool = True  # scored: always keep the first chunk
     protect_recent: bool = True  # scored: always keep the most recently committed chunk
+    evict_unit: str = "token"  # scored: keep the best tokens per head (token) or whole latent frames (frame)
     section_sink: str = "move"  # scored/sink-window, prompt sections: the sink moves to each section's first chunk (move) or stays the video's first (keep)
 
 

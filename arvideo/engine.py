@@ -340,7 +340,8 @@ class Engine:
             scratch_tokens=(sched.max_in_flight + 1) * r.block * lay.tokens_per_frame,
             tokens_per_frame=lay.tokens_per_frame, positions=positions,
             rope=TemporalRope(t_dim) if t_dim else None,
-            scoring=ScoredEviction(kv.score_lambda, kv.pool_width, kv.queries, kv.protect_sink, kv.protect_recent),
+            scoring=ScoredEviction(kv.score_lambda, kv.pool_width, kv.queries, kv.protect_sink, kv.protect_recent,
+                                   kv.evict_unit),
             clean_commit=kv.commit == "clean", dtype=self.backbone.dtype, device=self.backbone.device,
         )
 

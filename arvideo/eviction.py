@@ -69,3 +69,28 @@ def select(score: torch.Tensor, keep: int, protected: torch.Tensor | None = None
     # a stable descending sort keeps the older token on ties (topk's order is unspecified)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :keep]
     return order.sort(dim=-1).values
+
+
+def select_frames(score: torch.Tensor, frames: torch.Tensor, keep: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the tokens of the `keep` best whole frames per head, in token order: [H, L] -> [H, n].
+
+    frames [H, L]: each slot's frame (ascending along L, every frame whole). A frame's score is the
+    mean of its tokens'; a frame with a protected token is kept; ties go to the older frame. Every
+    head keeps the same number of frames, so n = keep x tokens per frame when frames are equal in size.
+    """
+    h, length = score.shape
+    ids, local = torch.unique(frames, return_inverse=True)  # local [H, L]: frame rank among all held
+    nf = ids.numel()
+    total = torch.zeros(h, nf, dtype=torch.float32).scatter_add_(1, local, score.float())
+    count = torch.zeros(h, nf, dtype=torch.float32).scatter_add_(1, local, torch.ones_like(score, dtype=torch.float32))
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("-inf")))
+    if protected is not None:
+        hit = torch.zeros(h, nf, dtype=torch.float32).scatter_add_(1, local, protected.float()) > 0
+        mean = mean.masked_fill(hit, float("inf"))
+    best = torch.sort(mean, dim=-1, descending=True, stable=True).indices[:, :keep]  # [H, keep]
+    chosen = torch.zeros(h, nf, dtype=torch.bool).scatter_(1, best, True)
+    keep_token = torch.gather(chosen, 1, local)  # [H, L]
+    sizes = keep_token.sum(dim=1)
+    if bool((sizes != sizes[0]).any()):
+        raise ValueError("frames of unequal size: every head must keep the same number of tokens")
+    return torch.nonzero(keep_token)[:, 1].view(h, -1)

@@ -30,6 +30,7 @@ from .errors import ConfigError
 EVICTION_POLICIES = ("full", "window", "sink-window", "scored")
 POSITION_MODES = ("absolute", "reindexed")
 QUERY_MODES = ("chunk", "last-frame", "commit", "commit-last-frame")
+EVICT_UNITS = ("token", "frame")
 DEFAULT_KV_POSITIONS = "reindexed"  # kv.positions when neither the request nor the model folder sets it
 
 
@@ -54,6 +55,9 @@ class ScoredEviction:
     queries: str = "chunk"
     protect_sink: bool = True  # always keep the first chunk
     protect_recent: bool = True  # always keep the most recently committed chunk
+    # token: the best tokens per head (methods.md); frame: whole latent frames per head, ranked by
+    # the mean score of their tokens (a context of whole frames, as the model was trained on)
+    unit: str = "token"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class KVStore:
             raise ConfigError(f"unknown kv.queries {scoring.queries!r}; choose one of {', '.join(QUERY_MODES)}")
         if scoring.pool_width < 1 or scoring.pool_width % 2 == 0:
             raise ConfigError(f"kv.pool_width must be an odd number >= 1, got {scoring.pool_width}")
+        if scoring.unit not in EVICT_UNITS:
+            raise ConfigError(f"unknown kv.evict_unit {scoring.unit!r}; choose one of {', '.join(EVICT_UNITS)}")
         if not 0.0 <= scoring.lam <= 1.0:
             raise ConfigError(f"kv.score_lambda must lie in [0, 1], got {scoring.lam}")
         self.policy = policy
@@ -279,6 +285,8 @@ class KVStore:
                 f"KV budget of {self.budget} tokens cannot hold the protected sink and most recent chunk "
                 f"({most} tokens); raise kv.budget_frames or set kv.protect_sink=false / kv.protect_recent=false"
             )
+        if self.scoring.unit == "frame":
+            return eviction.select_frames(score, frames, self.budget // self.tokens_per_frame, protected)
         return eviction.select(score, self.budget, protected)
 
     def _gather(self, keep: list[torch.Tensor]) -> None:

@@ -11,7 +11,7 @@ from arvideo.backbones.wan_family import WanFamilyBackbone, _apply_rope
 from arvideo.config import build_config
 from arvideo.engine import Engine
 from arvideo.errors import ConfigError
-from arvideo.kvstore import KVStore, TemporalRope
+from arvideo.kvstore import KVStore, ScoredEviction, TemporalRope
 from arvideo.model import load_model
 from arvideo.state import RunState
 from tests.tiny import save_tiny_model_folder, tiny_transformer
@@ -145,7 +145,29 @@ def test_reindexed_positions_put_kept_frames_right_before_the_next_frame():
     assert torch.equal(store.keys[0][:, :, 2 * TPF : 8 * TPF], _all_tokens(fed[3:], 0, 0))  # window untouched
 
 
-def test_engine_scored_policy_stays_within_budget_and_uses_query_importance(folder, monkeypatch):
+def test_frame_unit_keeps_whole_frames_ranked_by_mean_token_score():
+    frames = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]] * 2)
+    score = torch.tensor([[5.0, 5, 1, 1, 3, 3, 0, 0], [0, 0, 9, 9, 1, 1, 2, 2]])
+    protected = torch.zeros_like(frames, dtype=torch.bool)
+    protected[:, 6:] = True  # frame 3 (a protected chunk) stays whatever its score
+    assert eviction.select_frames(score, frames, 2, protected).tolist() == [[0, 1, 6, 7], [2, 3, 6, 7]]
+    # a frame's score is the mean of its tokens: one high token does not carry a frame
+    score = torch.tensor([[4.0, -4, 1, 1, 0.9, 0.9, 0, 0]])
+    assert eviction.select_frames(score, frames[:1], 1).tolist() == [[2, 3]]
+    # in the store: exactly the budget, whole frames per head, the sink and latest chunk kept
+    store, _ = _filled_store(chunks=6, budget_frames=6, scoring=ScoredEviction(unit="frame"))
+    for f in store.frame_of:
+        assert f.shape == (3, 6 * TPF)
+        for h in range(3):
+            held = f[h].tolist()
+            assert all(held.count(x) == TPF for x in set(held))  # whole frames only
+            assert {0, 1, 10, 11} <= set(held)
+    with pytest.raises(ConfigError, match="evict_unit"):
+        _filled_store(scoring=ScoredEviction(unit="chunk"))
+
+
+@pytest.mark.parametrize("unit", ["token", "frame"])
+def test_engine_scored_policy_stays_within_budget_and_uses_query_importance(folder, monkeypatch, unit):
     engine = Engine(load_model(folder))
     seen = []
     original = KVStore.commit
@@ -155,10 +177,14 @@ def test_engine_scored_policy_stays_within_budget_and_uses_query_importance(fold
             seen.append(all(i is not None and float(i.sum()) > 0 for i in self.importance))
         original(self, chunks, **kw)
         assert self.committed <= self.budget
+        if unit == "frame":  # whole latent frames per head
+            assert all(int((row == x).sum()) % self.tokens_per_frame == 0
+                       for f in self.frame_of for row in f for x in row.unique())
 
     monkeypatch.setattr(KVStore, "commit", commit)
     cfg = build_config(prompt=CAPTION, frames=33, overrides=[
-        "schedule.ar_step=1", "kv.policy=scored", "kv.budget_frames=6", "kv.positions=reindexed"])
+        "schedule.ar_step=1", "kv.policy=scored", "kv.budget_frames=6", "kv.positions=reindexed",
+        f"kv.evict_unit={unit}"])
     video = engine.generate(cfg)
     assert video.shape[0] == 33 and len(seen) >= 4 and all(seen)
 
