@@ -157,8 +157,8 @@ def build_meancache(steps: int, model_dir, budget: int | None = None, gamma: flo
             return MeanCache(ctx, {s: 1 for s in range(ctx.steps)}, estimator)
         slope = fitted(entry) if estimator == "fitted" else None
         if slope is not None:
-            schedule, alphas = fitted.solve(slope, ctx.steps, budget, gamma, force)
-            return MeanCache(ctx, schedule, estimator, alphas)
+            schedule, _ = fitted.solve(slope, ctx.steps, budget, gamma, force)
+            return MeanCache(ctx, schedule, estimator, fitted.edges(slope))
         chosen = "secant" if estimator == "fitted" else estimator
         return MeanCache(ctx, _schedule(ctx, entry, budget, gamma, k, cost, force), chosen)
 

@@ -23,20 +23,18 @@ skipped step i the average of that line over the step:
 two computed steps). On this model the velocity is far from linear over 4-5 steps and the full
 slope overshoots (docs/caching.md).
 
-`estimator="fitted"`: the slope damped per computed step, v_i = v_t + alpha_t ((sigma_i +
-sigma_{i+1}) / 2 - sigma_t) D, with alpha_t in [0, 1] fitted by `arvideo calibrate` (least
-squares of the latents reached at the next computed step, over calibration trajectories, given
-the computed step before t) and the schedule chosen jointly by a second-order shortest path
-(`schedule.pair_shortest_path_schedule`). alpha = 0 is plain reuse, alpha = 1 the slope.
-
-Without a static schedule (the combination: FlowCache decides each step, so the next computed
-step s is not known while skipping) `fitted` takes the calibrated damping of every edge,
-alpha(p, t, s), and moves the latents after each skipped step i exactly where the edge
-t -> i + 1 would have put them:
+`estimator="fitted"`: the slope damped by alpha in [0, 1] (0: plain reuse, 1: the slope), fitted
+by `arvideo calibrate` per edge: alpha(p, t, s) is the least-squares damping for the latents
+reached at s after computed steps p < t and t+1..s-1 skipped, over calibration trajectories (the
+schedule is chosen jointly by a second-order shortest path, `schedule.pair_shortest_path_schedule`).
+A skipped step does not need to know the next computed step s (FlowCache, in the combination,
+decides step by step): after each skipped step i the latents go exactly where the edge t -> i + 1
+would have put them,
     v_i = v_t + (alpha(p, t, i + 1) c(t, i + 1) - alpha(p, t, i) c(t, i)) / (sigma_{i+1} - sigma_i) D
 (`slope_weight` c, c(t, t + 1) = 0). Summed over an edge's skipped steps it telescopes to
-alpha(p, t, s) c(t, s) D: whichever step s the policy computes next, the latents reached there
-are those of MeanCache's fitted edge t -> s.
+alpha(p, t, s) c(t, s) D, so whichever step s computes next, the latents reached there are those
+of the fitted edge t -> s; on a static schedule that is the same as damping every skipped step of
+the edge by alpha(p, t, s).
 """
 from __future__ import annotations
 
@@ -73,15 +71,13 @@ class MeanVelocity:
     """Per-chunk fp32 history of (sigma, latents, velocity used) and the skipped-step estimate."""
 
     def __init__(self, ctx: PolicyContext, max_k: int, estimator: str = "secant",
-                 alphas: dict[int, float] | None = None,
                  edge_alphas: dict[tuple[int, int, int], float] | None = None) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MeanCache estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if edge_alphas is not None and estimator != "fitted":
             raise ValueError("edge_alphas are the fitted estimator's damping; pass estimator='fitted'")
         self.ctx, self.estimator = ctx, estimator
-        self.alphas = dict(alphas or {})  # "fitted": the slope's damping per computed step
-        self.edge_alphas = edge_alphas  # "fitted" without a schedule: the damping per edge (p, t, s)
+        self.edge_alphas = dict(edge_alphas or {})  # "fitted": the damping per edge (p, t, s); none: reuse
         self.sigmas = [float(s) for s in ctx.sigmas]
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, max_k) + 1)
         self.jvp: torch.Tensor | None = None
@@ -119,13 +115,13 @@ class MeanVelocity:
 
     def _slope_weight(self, p: int, t: int, step: int) -> float:
         """The factor of the slope D in skipped step `step`'s velocity (computed steps p < t < step)."""
-        if self.edge_alphas is not None:  # per edge, telescoping (module docstring)
-            sig = self.sigmas
-            after = self.edge_alphas.get((p, t, step + 1), 0.0) * slope_weight(sig, t, step + 1)
-            before = self.edge_alphas.get((p, t, step), 0.0) * slope_weight(sig, t, step) if step > t + 1 else 0.0
-            return (after - before) / (sig[step + 1] - sig[step])
-        alpha = 1.0 if self.estimator == "slope" else float(self.alphas.get(t, 0.0))
-        return alpha * (0.5 * (self.sigmas[step] + self.sigmas[step + 1]) - self.sigmas[t])
+        sig = self.sigmas
+        if self.estimator == "slope":
+            return 0.5 * (sig[step] + sig[step + 1]) - sig[t]
+        # fitted: per edge, telescoping (module docstring)
+        after = self.edge_alphas.get((p, t, step + 1), 0.0) * slope_weight(sig, t, step + 1)
+        before = self.edge_alphas.get((p, t, step), 0.0) * slope_weight(sig, t, step) if step > t + 1 else 0.0
+        return (after - before) / (sig[step + 1] - sig[step])
 
     def _jvp(self, step: int, z: torch.Tensor, k: int) -> torch.Tensor | None:
         """J from the entry K steps back; None (J = 0) when that step is not in the history."""
@@ -143,11 +139,11 @@ class MeanCache:
     """Computes on a static schedule {step: K}; every other step uses the average-velocity estimate."""
 
     def __init__(self, ctx: PolicyContext, schedule: dict[int, int], estimator: str = "secant",
-                 alphas: dict[int, float] | None = None) -> None:
+                 edge_alphas: dict[tuple[int, int, int], float] | None = None) -> None:
         self.ctx = ctx
         self.schedule = dict(schedule)
         self.default_k = max(self.schedule.values(), default=1)
-        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1), estimator, alphas)
+        self.mean = MeanVelocity(ctx, max(self.schedule.values(), default=1), estimator, edge_alphas)
 
     def should_compute(self, step: int, latents: torch.Tensor) -> bool:
         return step in self.schedule
