@@ -25,7 +25,7 @@ from .chunk import Chunk
 from .config import GenerateConfig
 from .decode_worker import Decoded, DecodeWorker
 from .errors import ConfigError, NonFiniteError
-from .kvstore import KVStore
+from .kvstore import EVICT_UNITS, KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
 from .samplers import Sampler
 from .schedules import build_schedule
@@ -138,6 +138,8 @@ class Engine:
             raise ConfigError(f"kv.commit must be 'clean' or 'last-step', got {kv.commit!r}")
         if kv.section_sink not in ("move", "keep"):
             raise ConfigError(f"kv.section_sink must be 'move' or 'keep', got {kv.section_sink!r}")
+        if kv.evict_unit not in EVICT_UNITS:
+            raise ConfigError(f"kv.evict_unit must be one of {', '.join(EVICT_UNITS)}, got {kv.evict_unit!r}")
         if sched.window_blocks is None:
             # never hold a whole long video in flight: one window = base_num_frames (97, SkyReels' 540P window)
             base_latent = ((sched.base_num_frames or 97) - 1) // tf + 1

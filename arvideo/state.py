@@ -91,5 +91,7 @@ def request_fingerprint(resolved: Any, model_path: Any) -> str:
     if not cfg.get("sections"):  # keys added with prompt sections: states saved before them stay valid
         cfg.pop("sections", None)
         cfg.get("kv", {}).pop("section_sink", None)
+    if cfg.get("kv", {}).get("evict_unit") == "token":  # added in session 14; its default hashes as before
+        cfg["kv"].pop("evict_unit")
     blob = json.dumps({"cfg": cfg, "model": str(model_path)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -444,3 +444,29 @@ def test_window_and_full_videos_do_not_depend_on_the_positions_scheme(folder, po
         return Engine(load_model(folder)).generate(build_config(**cfg, overrides=over))
 
     assert np.array_equal(run("absolute"), run("reindexed"))
+
+
+def test_evict_unit_is_checked_up_front_and_its_default_keeps_saved_states_resumable(folder):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from arvideo.state import request_fingerprint
+
+    engine = Engine(load_model(folder))
+
+    def cfg(*extra):
+        return build_config(prompt=CAPTION, frames=9, overrides=["kv.policy=scored", *extra])
+
+    with pytest.raises(ConfigError, match="evict_unit"):
+        engine.resolve(cfg("kv.evict_unit=chunk"))
+    token = engine.resolve(cfg())
+    # the hash a state saved before the key existed carries: the same request without it
+    old = asdict(token.cfg)
+    for key in ("device", "attention", "decode_ahead", "sections"):
+        old.pop(key, None)
+    old["kv"].pop("section_sink")
+    old["kv"].pop("evict_unit")
+    blob = json.dumps({"cfg": old, "model": "m"}, sort_keys=True, default=str)
+    assert request_fingerprint(token, "m") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert request_fingerprint(engine.resolve(cfg("kv.evict_unit=frame")), "m") != request_fingerprint(token, "m")
