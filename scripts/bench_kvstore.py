@@ -257,10 +257,17 @@ def quality(args) -> None:
     for policy in args.policies:
         # window keeps contiguous recent frames and full evicts nothing: neither ever re-positions
         # a key, so their videos are the same under both schemes and run once
-        for pos in args.positions if policy not in ("window", "full") else args.positions[:1]:
+        name = policy.split("/")[0]
+        for pos in args.positions if name not in ("window", "full") else args.positions[:1]:
             variants.append((policy, pos))
+
+    def overrides(policy: str, pos: str) -> list[str]:
+        """A policy may carry its own settings: scored/kv.evict_unit=frame."""
+        name, *extra = policy.split("/")
+        return [f"kv.policy={name}", f"kv.positions={pos}", *extra, *args.set]
+
     # caption-major, so that the videos finished when a long run is cut short compare every policy
-    jobs = [((policy, pos), args.seed + i, [f"kv.policy={policy}", f"kv.positions={pos}", *args.set])
+    jobs = [((policy, pos), args.seed + i, overrides(policy, pos))
             for i in range(args.captions) for policy, pos in variants]
     # every finished video is appended to a journal next to --json, so an interrupted run (a
     # 2,000-frame comparison is hours of CPU) continues where it stopped when started again
@@ -394,7 +401,9 @@ def main() -> None:
                    help="memory: lengths to run (default 160 800 2000 10000); quality: one length (default 2000)")
     p.add_argument("--captions", type=int, default=12, help="quality: held-out captions per variant")
     p.add_argument("--seed", type=int, default=10_000, help="first held-out world seed")
-    p.add_argument("--policies", nargs="+", default=["scored", "window", "sink-window", "full"])
+    p.add_argument("--policies", nargs="+", default=["scored", "window", "sink-window", "full"],
+                   help="policies to compare; a policy may carry its own settings after slashes: "
+                        "scored/kv.evict_unit=frame")
     p.add_argument("--positions", nargs="+", default=["reindexed", "absolute"])
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value for every run")
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at once")

@@ -376,6 +376,32 @@ def test_quality_benchmark_tabulates_each_quarter_of_the_videos(monkeypatch):
     assert not any("quarter 1" in line for line in published[-1])
 
 
+def test_quality_benchmark_policies_carry_their_own_settings(monkeypatch):
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location("bench_kvstore_settings_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen, published = [], []
+
+    def fake_child(model, frames, seed, overrides, score):
+        seen.append(list(overrides))
+        return {"seed": seed, "kv_bytes_max": 1, "peak_rss_mib": 1.0, "seconds": 1.0, **{m: 0.5 for m in bench.METRICS}}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "publish", lambda args, section, lines, rows: published.append(lines))
+    bench.quality(argparse.Namespace(policies=["scored", "scored/kv.evict_unit=frame", "window/kv.budget_frames=8"],
+                                     positions=["reindexed", "absolute"], captions=1, seed=20_000,
+                                     set=["cache.preset=fast"], jobs=1, frames=[9], model=None, json=None, reuse=[]))
+    assert ["kv.policy=scored", "kv.positions=absolute", "kv.evict_unit=frame", "cache.preset=fast"] in seen
+    assert ["kv.policy=window", "kv.positions=reindexed", "kv.budget_frames=8", "cache.preset=fast"] in seen
+    assert len(seen) == 5  # window runs under one positions scheme only, whatever its settings
+    assert any(line.startswith("| scored/kv.evict_unit=frame | reindexed |") for line in published[-1])
+
+
 def test_quality_benchmark_names_its_caption_set():
     import argparse
     import importlib.util
