@@ -78,7 +78,7 @@ def select_frames(score: torch.Tensor, frames: torch.Tensor, keep: int, protecte
     mean of its tokens'; a frame with a protected token is kept; ties go to the older frame. Every
     head keeps the same number of frames, so n = keep x tokens per frame when frames are equal in size.
     """
-    h, length = score.shape
+    h = score.shape[0]
     ids, local = torch.unique(frames, return_inverse=True)  # local [H, L]: frame rank among all held
     nf = ids.numel()
     total = torch.zeros(h, nf, dtype=torch.float32).scatter_add_(1, local, score.float())

@@ -236,8 +236,8 @@ def markdown(summary: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-CONTENDERS = ("combination", "combination-slope", "meancache-fitted")  # the combination (two
-# forms); what the presets run
+# the combination (as methods.md writes it, and with the slope indicator); what the presets run
+CONTENDERS = ("combination", "combination-slope", "meancache-fitted")
 
 
 def seed_meta(seeds: list[int]) -> dict:
