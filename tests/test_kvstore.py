@@ -45,6 +45,18 @@ def _filled_store(policy="scored", *, layers=2, batch=2, heads=3, d=8, chunks=6,
     return store, fed
 
 
+def _load_bench(name: str):
+    """scripts/bench_kvstore.py as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _all_tokens(fed, layer, which):
     return torch.cat([kv[layer][which] for kv in fed], dim=2)  # [B, H, total, d]
 
@@ -260,14 +272,9 @@ def test_quality_benchmark_resumes_from_its_journal(tmp_path, monkeypatch):
     """An interrupted `bench_kvstore.py quality` run reuses its finished videos when started again,
     and a completed run removes the journal (so new weights in the same folder are measured afresh)."""
     import argparse
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
-    spec = importlib.util.spec_from_file_location("bench_kvstore_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kvstore_under_test")
     calls, interrupt_after = [], [3]
 
     def fake_child(model, frames, seed, overrides, score):
@@ -299,14 +306,9 @@ def test_quality_benchmark_reuses_the_videos_of_an_earlier_run(tmp_path, monkeyp
     """`--reuse OLD.json` takes the videos an earlier run already scored (same frames, seed, policy and
     overrides) and generates only the rest, so a new policy is compared with old ones paired by caption."""
     import argparse
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
-    spec = importlib.util.spec_from_file_location("bench_kvstore_reuse_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kvstore_reuse_under_test")
     calls, published = [], []
 
     def fake_child(model, frames, seed, overrides, score):
@@ -340,13 +342,8 @@ def test_quality_benchmark_tabulates_each_quarter_of_the_videos(monkeypatch):
     """The per-quarter table averages each quarter's metrics over captions, per policy, and is left
     out when some videos (reused from a run before quarters were recorded) lack them."""
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
-    spec = importlib.util.spec_from_file_location("bench_kvstore_quarters_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kvstore_quarters_under_test")
     published = []
 
     def fake_child(model, frames, seed, overrides, score):
@@ -378,13 +375,8 @@ def test_quality_benchmark_tabulates_each_quarter_of_the_videos(monkeypatch):
 
 def test_quality_benchmark_policies_carry_their_own_settings(monkeypatch):
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
-    spec = importlib.util.spec_from_file_location("bench_kvstore_settings_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kvstore_settings_under_test")
     seen, published = [], []
 
     def fake_child(model, frames, seed, overrides, score):
@@ -404,13 +396,8 @@ def test_quality_benchmark_policies_carry_their_own_settings(monkeypatch):
 
 def test_quality_benchmark_names_its_caption_set():
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvstore.py"
-    spec = importlib.util.spec_from_file_location("bench_kvstore_captions_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kvstore_captions_under_test")
 
     def name(seed, captions):
         return bench.caption_set(argparse.Namespace(seed=seed, captions=captions))
