@@ -328,9 +328,32 @@ def write_doc(path: Path, text: str) -> None:
     write_marked_section(path, START, END, text, header="# Cache policies\n\n## Results\n\n")
 
 
+def paired(rows: list[dict], first: tuple[str, str], second: tuple[str, str]) -> list[str]:
+    """Per-caption comparison of two rows of the table, (family, label) each: first minus second."""
+    from arvideo.world.metrics import paired_difference
+
+    a = {r["seed"]: r for r in rows if (r["family"], r["label"]) == first}
+    b = {r["seed"]: r for r in rows if (r["family"], r["label"]) == second}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return [f"- {first[1]} - {second[1]}: fewer than 2 captions in common, no paired comparison"]
+    out = []
+    for metric, name in (("psnr_tf", "teacher-forced PSNR"), ("psnr_first", "first-chunk PSNR")):
+        both = [s for s in seeds if a[s].get(metric) is not None and b[s].get(metric) is not None]
+        if len(both) < 2:
+            continue
+        d = paired_difference([a[s] for s in both], [b[s] for s in both], metric)
+        out.append(f"- {first[0]} {first[1]} - {second[0]} {second[1]}, {name}: {d['mean']:+.2f} +- {d['se']:.2f} dB "
+                   f"(higher on {d['higher']}, lower on {d['lower']} of {len(both)} captions)")
+    return out
+
+
 def report(rows: list[dict], meta: dict, args) -> None:
     summary = summarise(rows)
     text = markdown(summary, meta)
+    pairs = [line for fa, la, fb, lb in getattr(args, "pair", None) or [] for line in paired(rows, (fa, la), (fb, lb))]
+    if pairs:
+        text = text.rstrip("\n") + "\n\nPaired by caption (first minus second: mean +- standard error over captions):\n\n" + "\n".join(pairs)
     print(text)
     write_doc(Path(args.doc), text)
     plot(summary, Path(args.plot))
@@ -385,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_caching.json"))
     p.add_argument("--config", action="append", default=None, help="YAML config (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampler.name=euler")
+    p.add_argument("--pair", nargs=4, action="append", metavar=("FAMILY", "LABEL", "FAMILY2", "LABEL2"),
+                   help="also compare two rows caption by caption (first minus second), e.g. "
+                        "--pair combination-slope 'B 1/4 + tau 0.15' presets fast (repeatable)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="no runs: summarise the rows of these --json files (e.g. two processes, each with --only)")
     args = p.parse_args(argv)

@@ -726,3 +726,19 @@ def test_cache_decisions_script_prints_the_steps_each_chunk_computed(folder, cap
     out = capsys.readouterr().out
     assert "chunk 0: computed 3 of 6 steps: 0, 2, 4" in out and "chunk 1: computed 3 of 6 steps: 0, 2, 4" in out
     assert "chunk 7: not in this video" in out
+
+
+def test_bench_caching_compares_two_rows_caption_by_caption():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_caching.py"
+    spec = importlib.util.spec_from_file_location("bench_caching_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"family": "presets", "label": "fast", "seed": s, "psnr_tf": 30.0 + s, "psnr_first": None} for s in range(3)]
+    rows += [{"family": "x", "label": "B 1/4", "seed": s, "psnr_tf": 29.0 + s + (0.5 if s == 2 else 0.0),
+              "psnr_first": 20.0} for s in range(3)]
+    lines = bench.paired(rows, ("x", "B 1/4"), ("presets", "fast"))
+    assert lines == ["- x B 1/4 - presets fast, teacher-forced PSNR: -0.83 +- 0.17 dB (higher on 0, lower on 3 of 3 captions)"]
+    assert "fewer than 2 captions" in bench.paired(rows[:1] + rows[3:4], ("x", "B 1/4"), ("presets", "fast"))[0]
