@@ -355,10 +355,10 @@ def quality(args) -> None:
             cells = [f"{np.mean([r['quarters'][q]['adherence'] for r in rows]):.3f} / "
                      f"{np.mean([r['quarters'][q]['persistence'] for r in rows]):.3f}" for q in range(QUARTERS)]
             lines.append(f"| {variant[0]} | {variant[1]} | " + " | ".join(cells) + " |")
-    lines += ["", "Per video (persistence, adherence):", ""]
+    lines += ["", "Per video (persistence, adherence, background):", ""]
     for variant, r in sorted(results, key=lambda vr: variants.index(vr[0])):
         lines.append(f"- {variant[0]}/{variant[1]} seed {r['seed']}: persistence {r['persistence']:.3f}, "
-                     f"adherence {r['adherence']:.3f}")
+                     f"adherence {r['adherence']:.3f}, background {r['background']:.3f}")
     publish(args, "quality", lines, [dict(r, variant=list(v)) for v, r in results])
     if journal is not None:
         journal.unlink(missing_ok=True)  # complete: a later run (new weights in the same folder) starts afresh

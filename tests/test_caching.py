@@ -400,6 +400,16 @@ def test_slope_indicator_predicts_each_chunks_drift_from_its_own_model_velocitie
         FlowCache(ctx(0), tau=0.1, estimator="fitted")
 
 
+def test_combination_last_false_lets_the_indicator_skip_the_last_step():
+    sig = torch.linspace(1, 0, 7)
+    ctx = PolicyContext(0, 6, sig, sig[:-1] * 1000, lambda x: x.reshape(1, -1, 1), lambda t: t)
+    x = torch.ones(8)
+    for last, expected in (("true", True), ("false", False)):
+        policy = make_policy_factory(f"combination:tau=100,warmup=1,last={last}", 6)(ctx)
+        policy.observe(0, x, torch.zeros(8))
+        assert [policy.should_compute(s, x) for s in range(1, 6)] == [False] * 4 + [expected]
+
+
 def test_flowcache_chunks_in_flight_make_different_decisions_in_the_engine(engine, monkeypatch):
     decisions = {}
     original = FlowCache.should_compute

@@ -173,7 +173,7 @@ class _FittedTables:
         self.policy = policy
         self.warned = False
         self.solved: dict[tuple, tuple[dict[int, int], dict[int, float]]] = {}
-        self._edges: dict[int, dict] = {}
+        self._edges: tuple[dict, dict] | None = None  # (slope tables, their damping per edge)
 
     def __call__(self, entry: dict | None) -> dict | None:
         """The entry's slope tables, or None (and a warning, once) when the policy must run `secant`."""
@@ -197,9 +197,10 @@ class _FittedTables:
         return self.solved[key]
 
     def edges(self, slope: dict) -> dict[tuple[int, int, int], float]:
-        if id(slope) not in self._edges:
-            self._edges[id(slope)] = edge_alphas(slope)
-        return self._edges[id(slope)]
+        """Damping per edge, built once (a run looks its calibration entry up once)."""
+        if self._edges is None or self._edges[0] is not slope:
+            self._edges = (slope, edge_alphas(slope))
+        return self._edges[1]
 
 
 def build_teacache(steps: int, model_dir, tau: float = 0.1, warmup: int = 1):

@@ -71,9 +71,8 @@ class SlopeIndicator:
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.sigmas = [float(x) for x in ctx.sigmas]
-        self.last: tuple[int, torch.Tensor] | None = None
-        self.rate: float | None = None  # mean|D| / mean|v_t| at the last computed step t
-        self.step: int | None = None
+        self.last: tuple[int, torch.Tensor] | None = None  # (last computed step t, its velocity)
+        self.rate: float | None = None  # mean|D| / mean|v_t| at t
 
     def observe(self, step: int, velocity: torch.Tensor) -> None:
         v = velocity.float()
@@ -81,13 +80,13 @@ class SlopeIndicator:
             p, v_p = self.last
             slope = (v - v_p).abs().mean() / abs(self.sigmas[step] - self.sigmas[p])
             self.rate = (slope / (v.abs().mean() + 1e-8)).item()
-        self.last, self.step = (step, v), step
+        self.last = (step, v)
 
     def predicted(self, step: int) -> float:
         """A for skipping step `step` (and every step since the last computed one)."""
-        if self.rate is None or self.step is None:
+        if self.rate is None:  # fewer than two computed steps: no slope yet
             return float("inf")
-        return abs(slope_weight(self.sigmas, self.step, step + 1)) * self.rate
+        return abs(slope_weight(self.sigmas, self.last[0], step + 1)) * self.rate
 
 
 class FlowCache:
