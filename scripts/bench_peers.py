@@ -15,6 +15,8 @@ Rows:
   diffusers+fbc         first-block cache (only if diffusers accepts this transformer: see "hooks")
   arvideo-full          arvideo's Engine, streaming, cache none, default KV store
   arvideo-fast          the same with cache preset `fast`
+  arvideo-quality       the same with cache preset `quality` (a speed level between arvideo-full and
+                        arvideo-fast, for comparisons with the diffusers caches at similar speed)
 Prompt embeddings come from arvideo's prompt encoder for every row. Every row writes its mp4
 with arvideo's Mp4Sink. Fidelity (PSNR/SSIM, first chunk and whole video) is measured against the
 same system's own uncached video; the world metrics against the caption.
@@ -48,10 +50,13 @@ DOC = ROOT / "docs" / "benchmarks.md"
 JSON = ROOT / "docs" / "benchmarks" / "peers.json"
 WORLD = ("adherence", "persistence", "smoothness", "spurious", "background", "flicker")
 ALL_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc",
-            "arvideo-full", "arvideo-fast")
-DEFAULT_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "arvideo-full", "arvideo-fast")
+            "arvideo-full", "arvideo-fast", "arvideo-quality")
+DEFAULT_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "arvideo-full", "arvideo-fast",
+                "arvideo-quality")
 REFERENCE = {"diffusers": "diffusers", "diffusers+taylorseer": "diffusers", "diffusers+pab": "diffusers",
-             "diffusers+fbc": "diffusers", "arvideo-full": "arvideo-full", "arvideo-fast": "arvideo-full"}
+             "diffusers+fbc": "diffusers", "arvideo-full": "arvideo-full", "arvideo-fast": "arvideo-full",
+             "arvideo-quality": "arvideo-full"}
+ARVIDEO_PRESET = {"arvideo-full": "none", "arvideo-fast": "fast", "arvideo-quality": "quality"}
 
 # Hook settings (diffusers 0.42.1 defaults unless noted; see docs/benchmarks.md):
 # TaylorSeer: diffusers' defaults (cache_interval 5, disable_cache_before_step 3, max_order 1), Taylor
@@ -462,24 +467,27 @@ def markdown(cpu: dict) -> str:
         "",
         f"Model `{cpu['model']}`; {cpu['captions']} held-out caption(s) (world seeds {cpu['seeds']}); "
         f"{cpu['frames']} frames (requested {cpu['frames_requested']}); {st['steps']} UniPC steps in every row "
-        f"(`arvideo-fast` too, where its preset alone would take {preset_sampler('fast') or 'the model default'}), guidance "
+        f"(`arvideo-fast` and `arvideo-quality` too, where their presets alone would take "
+        f"{preset_sampler('fast') or 'the model default'}), guidance "
         f"{st['guidance_scale']}; diffusers windows: base_num_frames {st['base_num_frames']}, overlap_history "
         f"{st['overlap_history']}, addnoise_condition {st['addnoise_condition']}, causal_block_size "
         f"{st['causal_block_size']}, ar_step {st['ar_step']}. First chunk = the first {cpu['first_chunk_frames']} "
         "frames (causal_block_size x VAE temporal factor).",
         "",
-        "| row | whole process s | gen+decode+write s | its CPU s | TTFF s | peak RSS MiB | model calls | attn tokens vs diffusers "
+        "| row | whole process s | gen+decode+write s | speedup vs diffusers | its CPU s | TTFF s | peak RSS MiB | model calls "
+        "| attn tokens vs diffusers "
         "| first PSNR | first SSIM | PSNR | SSIM | adherence | persistence | smoothness | spurious | background "
         "| flicker | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: | --- |",
     ]
     for s in cpu["rows"]:
         if not s.get("gen_s"):
-            lines.append(f"| {s['row']} |" + " - |" * 17 + f" {s['status']} |")
+            lines.append(f"| {s['row']} |" + " - |" * 18 + f" {s['status']} |")
             continue
         lines.append(
-            f"| {s['row']} | {s['whole_s']:.1f} | {s['gen_s']:.1f} | {_f(s.get('gen_cpu_s'), '{:.1f}')} | {s['ttff_s']:.2f} | "
+            f"| {s['row']} | {s['whole_s']:.1f} | {s['gen_s']:.1f} | {_f(s.get('speedup_vs_diffusers'))} | "
+            f"{_f(s.get('gen_cpu_s'), '{:.1f}')} | {s['ttff_s']:.2f} | "
             f"{s['peak_rss_mib']:.0f} | {s['model_calls']:.0f} | {_f(s.get('attn_tokens_vs_diffusers'))} | "
             f"{_f(s.get('psnr_first'), '{:.1f}')} | {_f(s.get('ssim_first'), '{:.3f}')} | "
             f"{_f(s.get('psnr'), '{:.1f}')} | {_f(s.get('ssim'), '{:.3f}')} | "
@@ -494,6 +502,7 @@ def markdown(cpu: dict) -> str:
         "",
         "Columns: whole process = from spawning the subprocess to the mp4 closed (interpreter, imports, loading, "
         "text encoding, denoising, decoding, writing); gen+decode+write = the same without start-up and loading; "
+        "speedup vs diffusers = diffusers' gen+decode+write time over the row's; "
         "its CPU s = the CPU time (user + system, all threads) the subprocess spent in that span: above the wall "
         "time where arvideo's decoder ran on its own thread beside generation (decode ahead, the default) on a "
         "free core, which one-thread diffusers has no use for; "
@@ -502,7 +511,7 @@ def markdown(cpu: dict) -> str:
         "model calls = transformer invocations (diffusers calls cond and uncond separately, arvideo batches them "
         "into one call); attn tokens = tokens (all batch rows) the blocks' self-attention actually computed, "
         "relative to diffusers; PSNR/SSIM against the same system's uncached video (cached diffusers rows vs "
-        "diffusers, arvideo-fast vs arvideo-full); world metrics against the caption.",
+        "diffusers, arvideo-fast and arvideo-quality vs arvideo-full); world metrics against the caption.",
         "",
         "diffusers cache hooks on SkyReelsV2Transformer3DModel:",
         "",
@@ -584,7 +593,7 @@ def _row_spec(base: dict, row: str, seed: int, caption: str, work: Path) -> dict
     tag = f"{row.replace('+', '_')}_{seed}_{base['frames']}"
     spec = dict(base, row=row, seed=seed, caption=caption, mp4=str(work / f"{tag}.mp4"), npy=str(work / f"{tag}.npy"))
     if row.startswith("arvideo"):
-        spec["cache"] = "fast" if row == "arvideo-fast" else "none"
+        spec["cache"] = ARVIDEO_PRESET[row]
     return spec
 
 

@@ -46,6 +46,9 @@ def _check_rows(data, rows):
     # diffusers calls the transformer per step-matrix row, cond and uncond apart; arvideo packs both in one call
     assert by["diffusers"]["model_calls"] > by["arvideo-full"]["model_calls"]
     assert by["arvideo-fast"]["model_calls"] < by["arvideo-full"]["model_calls"]
+    if "arvideo-quality" in by:  # the quality preset computes more steps than fast, fewer than full
+        assert by["arvideo-fast"]["model_calls"] < by["arvideo-quality"]["model_calls"] < by["arvideo-full"]["model_calls"]
+        assert by["arvideo-quality"]["psnr"] != "inf"  # measured against arvideo-full, not itself
     assert by["diffusers+taylorseer"]["attn_tokens"] < by["diffusers"]["attn_tokens"]
     assert by["diffusers+pab"]["attn_tokens"] < by["diffusers"]["attn_tokens"]
     for key in ("speedup_vs_diffusers", "cpu_time_ratio_vs_diffusers", "ttff_ratio_vs_diffusers",
@@ -59,8 +62,9 @@ def test_bench_peers_all_rows_fill_json_and_doc(model, tmp_path):
     out, doc = tmp_path / "peers.json", tmp_path / "benchmarks.md"
     out.write_text(json.dumps({"gpu": {"kept": True}}))
     doc.write_text("# Benchmarks\n\n<!-- peers:start -->\nold\n<!-- peers:end -->\n\ntail\n")
-    rows = ["diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc", "arvideo-full", "arvideo-fast"]
-    assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "8",
+    rows = ["diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc", "arvideo-full", "arvideo-fast",
+            "arvideo-quality"]
+    assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "12",
                        "--rows", ",".join(rows), "--out-json", str(out), "--doc", str(doc)]) == 0
     data = json.loads(out.read_text())
     assert data["gpu"] == {"kept": True}
@@ -78,7 +82,7 @@ def test_bench_peers_all_rows_fill_json_and_doc(model, tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.endswith("tail\n")
     block = text.split("<!-- peers:start -->")[1].split("<!-- peers:end -->")[0]
-    assert "| arvideo-fast |" in block and "| diffusers+pab |" in block and cpu["meta"]["command"] in block
+    assert "| arvideo-fast |" in block and "| arvideo-quality |" in block and "| diffusers+pab |" in block and cpu["meta"]["command"] in block
 
     # memory sweep: merged into the same json, the main results stay
     assert bench.main(["--in-process", "--model", str(model), "--memory-sweep", "8,16", "--steps", "2",
