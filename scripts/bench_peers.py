@@ -14,7 +14,10 @@ Rows:
   diffusers+pab         the same with diffusers' Pyramid Attention Broadcast hooks
   diffusers+fbc         first-block cache (only if diffusers accepts this transformer: see "hooks")
   arvideo-full          arvideo's Engine, streaming, cache none, default KV store
-  arvideo-fast          the same with cache preset `fast`
+  arvideo-full-euler    the same with the Euler sampler: the uncached reference of the preset rows
+                        that run Euler (their presets' sampler)
+  arvideo-fast          the same with cache preset `fast`, on its preset's sampler (Euler; UniPC with
+                        --arvideo-sampler unipc), fidelity against the uncached row on the same sampler
   arvideo-quality       the same with cache preset `quality` (a speed level between arvideo-full and
                         arvideo-fast, for comparisons with the diffusers caches at similar speed)
 Prompt embeddings come from arvideo's prompt encoder for every row. Every row writes its mp4
@@ -50,13 +53,14 @@ DOC = ROOT / "docs" / "benchmarks.md"
 JSON = ROOT / "docs" / "benchmarks" / "peers.json"
 WORLD = ("adherence", "persistence", "smoothness", "spurious", "background", "flicker")
 ALL_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc",
-            "arvideo-full", "arvideo-fast", "arvideo-quality")
-DEFAULT_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "arvideo-full", "arvideo-fast",
-                "arvideo-quality")
-REFERENCE = {"diffusers": "diffusers", "diffusers+taylorseer": "diffusers", "diffusers+pab": "diffusers",
-             "diffusers+fbc": "diffusers", "arvideo-full": "arvideo-full", "arvideo-fast": "arvideo-full",
-             "arvideo-quality": "arvideo-full"}
-ARVIDEO_PRESET = {"arvideo-full": "none", "arvideo-fast": "fast", "arvideo-quality": "quality"}
+            "arvideo-full", "arvideo-full-euler", "arvideo-fast", "arvideo-quality")
+DEFAULT_ROWS = ("diffusers", "diffusers+taylorseer", "diffusers+pab", "arvideo-full", "arvideo-full-euler",
+                "arvideo-fast", "arvideo-quality")
+# arvideo rows: (cache preset, sampler); sampler None = the preset's own (`preset_sampler`), unless
+# --arvideo-sampler unipc puts every row on UniPC, the diffusers pipeline's scheduler
+ARVIDEO_ROWS = {"arvideo-full": ("none", "unipc"), "arvideo-full-euler": ("none", "euler"),
+                "arvideo-fast": ("fast", None), "arvideo-quality": ("quality", None)}
+UNCACHED_BY_SAMPLER = {"unipc": "arvideo-full", "euler": "arvideo-full-euler"}
 
 # Hook settings (diffusers 0.42.1 defaults unless noted; see docs/benchmarks.md):
 # TaylorSeer: diffusers' defaults (cache_interval 5, disable_cache_before_step 3, max_order 1), Taylor
@@ -288,9 +292,10 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
     load_s = time.perf_counter() - t_load
     cfg = build_config(prompt=spec["caption"], negative_prompt=spec["negative_prompt"], frames=spec["frames"],
                        seed=spec["seed"], guidance_scale=spec["guidance_scale"],
-                       # UniPC for every row, the diffusers pipeline's scheduler: the `fast` preset alone would
-                       # pick Euler, and its PSNR against arvideo-full would then measure the sampler too
-                       overrides=[f"sampler.steps={spec['steps']}", "sampler.name=unipc", f"cache.preset={spec['cache']}"])
+                       # the row's sampler (run_main picks it): a cached row's PSNR is taken against the
+                       # uncached row on the same sampler, so that it measures the cache alone
+                       overrides=[f"sampler.steps={spec['steps']}", f"sampler.name={spec['sampler']}",
+                                  f"cache.preset={spec['cache']}"])
     side = NpySink(spec["npy"])  # for fidelity and world metrics: its time is taken out of every figure
     aux = aux_cpu = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -391,14 +396,35 @@ def _mean(vals):
     return float(sum(vals) / len(vals)) if vals else None
 
 
-def summarise(runs: list[dict], rows: list[str]) -> list[dict]:
+def arvideo_sampler(row: str, mode: str = "preset") -> str:
+    """The sampler an arvideo row runs: its own, its preset's (mode "preset"), or UniPC (mode "unipc")."""
+    from arvideo.caching import preset_sampler
+
+    preset, sampler = ARVIDEO_ROWS[row]
+    if sampler is not None:
+        return sampler
+    return "unipc" if mode == "unipc" else (preset_sampler(preset) or "unipc")
+
+
+def reference_of(row: str, mode: str = "preset") -> str:
+    """The uncached row a row's PSNR/SSIM is measured against: diffusers for diffusers' rows, the arvideo
+    row without a cache on the same sampler for arvideo's."""
+    if not row.startswith("arvideo"):
+        return "diffusers"
+    return row if ARVIDEO_ROWS[row][0] == "none" else UNCACHED_BY_SAMPLER[arvideo_sampler(row, mode)]
+
+
+def summarise(runs: list[dict], rows: list[str], mode: str = "preset") -> list[dict]:
     out = []
     keys = ("whole_s", "gen_s", "gen_cpu_s", "ttff_s", "ttff_process_s", "load_s", "write_s", "peak_rss_mib", "model_calls",
             "attn_tokens", "ffn_tokens", "psnr_first", "ssim_first", "psnr", "ssim", *WORLD)
     for row in rows:
         group = [r for r in runs if r["row"] == row]
         ok = [r for r in group if "error" not in r and "refused" not in r]
-        s = {"row": row, "reference": REFERENCE[row], "captions": len(ok)}
+        ref = reference_of(row, mode)
+        s = {"row": row, "reference": ref, "captions": len(ok)}
+        if row.startswith("arvideo"):
+            s["sampler"] = arvideo_sampler(row, mode)
         if not ok:
             bad = next((r for r in group if "refused" in r or "error" in r), None)
             s["status"] = ("refused: " + bad["refused"]) if bad and "refused" in bad else (
@@ -409,7 +435,7 @@ def summarise(runs: list[dict], rows: list[str]) -> list[dict]:
         for k in keys:
             s[k] = _mean([r.get(k) for r in ok])
         s["frames"] = ok[0]["frames_out"]
-        if REFERENCE[row] == row:  # the reference itself
+        if ref == row:  # the reference itself
             s.update(psnr=math.inf, ssim=1.0, psnr_first=math.inf, ssim_first=1.0)
         out.append(s)
     base = next((s for s in out if s["row"] == "diffusers" and s.get("gen_s")), None)
@@ -455,9 +481,11 @@ def _model_label(model: Path) -> str:
 
 
 def markdown(cpu: dict) -> str:
-    from arvideo.caching import preset_sampler
-
     m, st = cpu["meta"], cpu["settings"]
+    arv = [r for r in cpu["rows"] if r.get("sampler")]
+    samplers = "UniPC for diffusers' rows (the pipeline's scheduler)" + "".join(
+        f", {r['sampler'].replace('unipc', 'UniPC').replace('euler', 'Euler')} for `{r['row']}`"
+        + (f" (PSNR against `{r['reference']}`)" if r["reference"] != r["row"] else "") for r in arv)
     lines = [
         f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPUs, {m['platform']}); torch {m['torch']}, "
         f"diffusers {m['diffusers']}; {m['threads_per_process']} torch thread per process; load average "
@@ -466,9 +494,8 @@ def markdown(cpu: dict) -> str:
         f"Command: `{m['command']}`",
         "",
         f"Model `{cpu['model']}`; {cpu['captions']} held-out caption(s) (world seeds {cpu['seeds']}); "
-        f"{cpu['frames']} frames (requested {cpu['frames_requested']}); {st['steps']} UniPC steps in every row "
-        f"(`arvideo-fast` and `arvideo-quality` too, where their presets alone would take "
-        f"{preset_sampler('fast') or 'the model default'}), guidance "
+        f"{cpu['frames']} frames (requested {cpu['frames_requested']}); {st['steps']} steps in every row, "
+        f"{samplers}; guidance "
         f"{st['guidance_scale']}; diffusers windows: base_num_frames {st['base_num_frames']}, overlap_history "
         f"{st['overlap_history']}, addnoise_condition {st['addnoise_condition']}, causal_block_size "
         f"{st['causal_block_size']}, ar_step {st['ar_step']}. First chunk = the first {cpu['first_chunk_frames']} "
@@ -511,7 +538,8 @@ def markdown(cpu: dict) -> str:
         "model calls = transformer invocations (diffusers calls cond and uncond separately, arvideo batches them "
         "into one call); attn tokens = tokens (all batch rows) the blocks' self-attention actually computed, "
         "relative to diffusers; PSNR/SSIM against the same system's uncached video (cached diffusers rows vs "
-        "diffusers, arvideo-fast and arvideo-quality vs arvideo-full); world metrics against the caption.",
+        "diffusers, arvideo's cached rows vs arvideo's uncached row on the same sampler); world metrics against "
+        "the caption.",
         "",
         "diffusers cache hooks on SkyReelsV2Transformer3DModel:",
         "",
@@ -589,11 +617,12 @@ def _base_spec(args, s: dict, frames: int) -> dict:
         "negative_prompt")}}
 
 
-def _row_spec(base: dict, row: str, seed: int, caption: str, work: Path) -> dict:
+def _row_spec(base: dict, row: str, seed: int, caption: str, work: Path, mode: str = "preset") -> dict:
     tag = f"{row.replace('+', '_')}_{seed}_{base['frames']}"
     spec = dict(base, row=row, seed=seed, caption=caption, mp4=str(work / f"{tag}.mp4"), npy=str(work / f"{tag}.npy"))
     if row.startswith("arvideo"):
-        spec["cache"] = ARVIDEO_PRESET[row]
+        spec["cache"] = ARVIDEO_ROWS[row][0]
+        spec["sampler"] = arvideo_sampler(row, mode)
     return spec
 
 
@@ -603,7 +632,13 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
     frames = aligned_frames(args.frames, s)
     base = _base_spec(args, s, frames)
     hooks = run_child(dict(base, row="probe-hooks"))
+    mode = args.arvideo_sampler
     rows = list(args.rows)
+    for ref in dict.fromkeys(reference_of(r, mode) for r in args.rows):
+        if ref not in rows:  # a cached row's PSNR needs its uncached reference
+            _log(f"adding row {ref}: the uncached reference of " + ", ".join(
+                r for r in args.rows if reference_of(r, mode) == ref))
+            rows.append(ref)
     if "diffusers+fbc" in rows and not hooks.get("fbc", {}).get("applied"):
         _log("diffusers+fbc: diffusers refuses first-block cache on this transformer (see hooks)")
     captions = heldout_captions(args.captions, args.seed_offset)
@@ -612,7 +647,7 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
     for i, (seed, caption) in enumerate(captions):
         order = rows[i % len(rows):] + rows[: i % len(rows)]  # rotated per caption: noise hits all rows alike
         for row in order:
-            spec = _row_spec(base, row, seed, caption, work)
+            spec = _row_spec(base, row, seed, caption, work, mode)
             load = os.getloadavg()[0]
             res = run_child(spec)
             run = {"row": row, "seed": seed, "caption": caption, "loadavg_at_start": load, **res}
@@ -625,9 +660,9 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
                 f"{res['model_calls']} calls" if "gen_s" in res else res.get("refused") or res.get("error")))
         for run in runs:
             if run["seed"] == seed and "npy" in run:
-                ref = next((r for r in runs if r["seed"] == seed and r["row"] == REFERENCE[run["row"]]), None)
+                ref = next((r for r in runs if r["seed"] == seed and r["row"] == reference_of(run["row"], mode)), None)
                 run.update(score(run, None if ref is run else ref, caption, first_n))
-    summary = summarise(runs, rows)
+    summary = summarise(runs, rows, mode)
     by = {x["row"]: x for x in summary}
     d, fast = by.get("diffusers", {}), by.get("arvideo-fast", {})
     both = bool(d.get("gen_s")) and bool(fast.get("gen_s"))
@@ -643,6 +678,7 @@ def run_main(args, s: dict, data: dict, meta: dict, work: Path) -> None:
             "base_num_frames", "overlap_history", "addnoise_condition", "ar_step")},
         "hook_settings": {"taylorseer": TAYLORSEER, "pab": {**PAB, "current_timestep_callback": "max of the row"},
                           "fbc": FBC, "magcache": MAGCACHE},
+        "arvideo_sampler": mode,
         "speedup_basis": "gen+decode+write wall time, model loaded, mean over captions (diffusers / arvideo-fast)",
         "speedup_vs_diffusers": d["gen_s"] / fast["gen_s"] if both else None,
         "speedup_whole_vs_diffusers": d["whole_s"] / fast["whole_s"] if both else None,
@@ -712,6 +748,9 @@ def main(argv: list[str] | None = None, prog: str = "python scripts/bench_peers.
     p.add_argument("--out-json", default=str(JSON))
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--keep-videos", default=None, metavar="DIR", help="keep every row's mp4 (and npy) here")
+    p.add_argument("--arvideo-sampler", choices=("preset", "unipc"), default="preset",
+                   help="sampler of the cached arvideo rows: their presets' own (default; Euler for fast and quality) "
+                   "or UniPC like diffusers (then measured against arvideo-full)")
     p.add_argument("--in-process", action="store_true",
                    help="tests only: run every row in this process (fast; peak RSS is then not per row)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -48,7 +48,11 @@ def _check_rows(data, rows):
     assert by["arvideo-fast"]["model_calls"] < by["arvideo-full"]["model_calls"]
     if "arvideo-quality" in by:  # the quality preset computes more steps than fast, fewer than full
         assert by["arvideo-fast"]["model_calls"] < by["arvideo-quality"]["model_calls"] < by["arvideo-full"]["model_calls"]
-        assert by["arvideo-quality"]["psnr"] != "inf"  # measured against arvideo-full, not itself
+        assert by["arvideo-quality"]["psnr"] != "inf"  # measured against the uncached row, not itself
+    # a cached row is measured against the uncached row on its own sampler
+    for name in ("arvideo-fast", "arvideo-quality"):
+        if name in by:
+            assert by[name]["reference"] == {"euler": "arvideo-full-euler", "unipc": "arvideo-full"}[by[name]["sampler"]]
     assert by["diffusers+taylorseer"]["attn_tokens"] < by["diffusers"]["attn_tokens"]
     assert by["diffusers+pab"]["attn_tokens"] < by["diffusers"]["attn_tokens"]
     for key in ("speedup_vs_diffusers", "cpu_time_ratio_vs_diffusers", "ttff_ratio_vs_diffusers",
@@ -62,8 +66,8 @@ def test_bench_peers_all_rows_fill_json_and_doc(model, tmp_path):
     out, doc = tmp_path / "peers.json", tmp_path / "benchmarks.md"
     out.write_text(json.dumps({"gpu": {"kept": True}}))
     doc.write_text("# Benchmarks\n\n<!-- peers:start -->\nold\n<!-- peers:end -->\n\ntail\n")
-    rows = ["diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc", "arvideo-full", "arvideo-fast",
-            "arvideo-quality"]
+    rows = ["diffusers", "diffusers+taylorseer", "diffusers+pab", "diffusers+fbc", "arvideo-full", "arvideo-full-euler",
+            "arvideo-fast", "arvideo-quality"]
     assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "12",
                        "--rows", ",".join(rows), "--out-json", str(out), "--doc", str(doc)]) == 0
     data = json.loads(out.read_text())
@@ -93,6 +97,27 @@ def test_bench_peers_all_rows_fill_json_and_doc(model, tmp_path):
     assert all(c["peak_rss_mib"] > 0 for c in sweep["cells"])
     assert data["cpu"]["rows"] and data["gpu"] == {"kept": True}
     assert "<!-- peers-memory:start -->" in doc.read_text()
+
+
+def test_bench_peers_rows_take_their_presets_sampler_or_unipc(model, tmp_path):
+    bench = _script()
+    assert bench.arvideo_sampler("arvideo-fast") == "euler"  # the fast preset's own sampler
+    assert bench.reference_of("arvideo-fast") == "arvideo-full-euler"
+    assert bench.arvideo_sampler("arvideo-fast", "unipc") == "unipc"
+    assert bench.reference_of("arvideo-fast", "unipc") == "arvideo-full"
+    assert bench.reference_of("arvideo-full-euler") == "arvideo-full-euler"
+    assert bench.reference_of("diffusers+pab") == "diffusers"
+    out, doc = tmp_path / "peers.json", tmp_path / "benchmarks.md"
+    doc.write_text("<!-- peers:start -->\n<!-- peers:end -->\n")
+    assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "12",
+                       "--rows", "diffusers,arvideo-fast", "--arvideo-sampler", "unipc",
+                       "--out-json", str(out), "--doc", str(doc)]) == 0
+    cpu = json.loads(out.read_text())["cpu"]
+    by = {r["row"]: r for r in cpu["rows"]}
+    assert set(by) == {"diffusers", "arvideo-fast", "arvideo-full"}  # the reference row was added
+    assert by["arvideo-fast"]["sampler"] == "unipc" and by["arvideo-fast"]["reference"] == "arvideo-full"
+    assert math.isfinite(by["arvideo-fast"]["psnr"]) and cpu["arvideo_sampler"] == "unipc"
+    assert "UniPC for `arvideo-fast` (PSNR against `arvideo-full`)" in doc.read_text()
 
 
 def test_bench_peers_aligned_frames():

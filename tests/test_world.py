@@ -357,3 +357,51 @@ def test_caption_order_draws_later_objects_on_top():
     corner_y = round(square.y) + (8 if circle.y < square.y else -8)
     corner_x = round(square.x) + (8 if circle.x < square.x else -8)
     assert tuple(frame[corner_y, corner_x]) == OBJECT_COLOURS["red"]
+
+
+def test_object_masses_give_score_videos_present(intact):
+    from arvideo.world.metrics import is_present, object_masses
+
+    spec, video, _ = intact
+    alone = World(SceneSpec(spec.objects[:1], spec.background), BROKEN_SEED)
+    half = BROKEN_FRAMES // 2
+    broken = np.concatenate([video[:half], alone.clip(half, BROKEN_FRAMES - half)])
+    mass, areas = object_masses(broken, spec)
+    assert mass.shape == (BROKEN_FRAMES, 2)
+    present = is_present(mass, areas)
+    assert present.mean() == score_video(broken, spec)["adherence"] == 0.75
+    assert present[:half].all() and not present[half:, 1].any() and present[half:, 0].all()
+    assert (mass[half:, 1] == 0).all()  # the removed square's colour is gone, not merely shrunk
+
+
+def test_diagnose_adherence_script_splits_misses_by_time_and_kind(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec_ = importlib.util.spec_from_file_location("diagnose_adherence", root / "scripts" / "diagnose_adherence.py")
+    diag = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(diag)
+    seed, frames = 20000, 48
+    world = sample_world(seed)
+    video = world.clip(0, frames).copy()
+    colour = np.array(OBJECT_COLOURS[world.spec.objects[0].colour], dtype=np.uint8)
+    later = video[40:]
+    later[(later == colour).all(axis=-1)] = world.spec.background_rgb  # the first object vanishes from frame 40
+    np.save(tmp_path / f"seed{seed}.npy", video)
+    (tmp_path / f"seed{seed}.json").write_text(json.dumps({"caption": world.spec.caption, "seed": seed}))
+    out = tmp_path / "diag.json"
+    assert diag.main([str(tmp_path / f"seed{seed}.npy"), "--world", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    model, ref = res["model"]["by"], res["world"]["by"]
+    n_obj = len(world.spec.objects)
+
+    def rate(c):
+        return c[0] / sum(c)
+
+    assert rate(model["all / all"]) == pytest.approx(score_video(video, world.spec)["adherence"], abs=1e-12)
+    assert rate(ref["all / all"]) == pytest.approx(score_video(world.clip(0, frames), world.spec)["adherence"])
+    assert model["time / 40-79"][1] >= 8  # the vanished object: absent in each of frames 40-47
+    assert rate(model["time / first chunk (0-3)"]) == rate(ref["time / first chunk (0-3)"])
+    assert sum(model["all / all"]) == frames * n_obj

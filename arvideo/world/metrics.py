@@ -58,6 +58,28 @@ def expected_area(shape: str, radius: float) -> float:
     raise MetricsError(f"unknown shape {shape!r}: use circle, square or triangle")
 
 
+def is_present(mass: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """present(o, f) := 0.4 A <= m <= 2.5 A, for masses [..., O] against expected areas [O]."""
+    return (mass >= PRESENT_BOUNDS[0] * areas) & (mass <= PRESENT_BOUNDS[1] * areas)
+
+
+def object_masses(frames: np.ndarray, caption: str | SceneSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, the pixel mass of each captioned object's colour, and the objects' expected areas.
+
+    Returns (mass [F, O] float, areas [O]) for frames uint8 [F, H, W, 3], with the areas scaled to
+    the frame size as `score_video` scales them; `is_present(mass, areas)` is its present(o, f).
+    """
+    spec = parse_caption(caption) if isinstance(caption, str) else caption
+    frames = np.asarray(frames)
+    num_frames, height, width, _ = frames.shape
+    colour_names = list(OBJECT_COLOURS)
+    palette = np.array([spec.background_rgb] + [OBJECT_COLOURS[c] for c in colour_names])
+    labels = _classify(frames, palette).reshape(num_frames, -1)
+    mass = np.stack([(labels == 1 + colour_names.index(o.colour)).sum(axis=1) for o in spec.objects], axis=1)
+    areas = np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * height * width / _REF_SIZE**2
+    return mass.astype(np.float64), areas
+
+
 def _classify(frames: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Nearest palette index per pixel, len(palette) where the distance exceeds 40: [F, H, W]."""
     # A video holds few distinct colours: classify each distinct colour once, then map back.
@@ -116,7 +138,7 @@ def score_video(frames: np.ndarray, caption: str | SceneSpec) -> dict[str, float
     captioned = [1 + colour_names.index(o.colour) for o in spec.objects]
     areas = np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * area_scale
     obj_mass = mass[:, captioned]  # [F, O]
-    present = (obj_mass >= PRESENT_BOUNDS[0] * areas) & (obj_mass <= PRESENT_BOUNDS[1] * areas)
+    present = is_present(obj_mass, areas)
 
     adherence = float(present.mean())
 

@@ -1,0 +1,138 @@
+"""Why a model's adherence is what it is: where in time, for which objects, and how objects fail.
+
+Reads videos saved by `arvideo eval --save-dir DIR` (seedN.npy with its seedN.json caption) and
+splits the world metric `present(o, f)` (world-spec.md: 0.4 A <= mass <= 2.5 A) by time (the
+first chunk, which no context affects, against later frames), by the object's size, colour and
+shape and by the background, and counts each miss by kind: colour absent (mass < 0.1 A), too
+small (0.1 A <= mass < 0.4 A), too large (mass > 2.5 A). `--world` scores the world's own frames
+of the same seeds beside them, and `--vae DIR` the VAE's reconstruction of those frames (what the
+model could score with a perfect transformer), category by category.
+
+    arvideo eval --generate 24 --seed-offset 20000 --frames 160 --save-dir runs/diag --json runs/diag.json
+    python scripts/diagnose_adherence.py runs/diag/*.npy --world --vae models/shapes-df/vae
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from arvideo.world import sample_world  # noqa: E402
+from arvideo.world.captions import parse_caption  # noqa: E402
+from arvideo.world.metrics import is_present, object_masses  # noqa: E402
+
+ABSENT = 0.1  # mass below 0.1 A: the colour is not drawn at all
+
+
+def time_bins(num_frames: int, first: int) -> list[tuple[str, slice]]:
+    bins = [(f"first chunk (0-{first - 1})", slice(0, first)), (f"{first}-39", slice(first, 40)),
+            ("40-79", slice(40, 80)), ("80-159", slice(80, 160)), ("160+", slice(160, None))]
+    return [(name, s) for name, s in bins if len(range(num_frames)[s])]
+
+
+def analyse(videos: list[tuple[np.ndarray, str]], first: int) -> dict:
+    """Per-category present rates and miss kinds over (frames, caption) pairs."""
+    by = defaultdict(lambda: np.zeros(4))  # present, absent, too small, too large (frame-object counts)
+    per_video = []
+    for frames, caption in videos:
+        spec = parse_caption(caption)
+        mass, areas = object_masses(frames, spec)
+        present = is_present(mass, areas)
+        ratio = mass / areas
+        kinds = np.stack([present, ratio < ABSENT, (ratio >= ABSENT) & ~present & (ratio < 1), ratio > 2.5], axis=-1)
+        per_video.append(float(present.mean()))
+        for name, s in time_bins(len(frames), first):
+            by[("time", name)] += kinds[s].reshape(-1, 4).sum(axis=0)
+        for k, o in enumerate(spec.objects):
+            for cat, value in (("size", o.size), ("colour", o.colour), ("shape", o.shape),
+                               ("background", spec.background), ("objects in caption", str(len(spec.objects)))):
+                by[(cat, value)] += kinds[:, k].sum(axis=0)
+        by[("all", "all")] += kinds.reshape(-1, 4).sum(axis=0)
+    return {"by": {k: v.tolist() for k, v in by.items()}, "per_video": per_video}
+
+
+def world_videos(seeds: list[int], num_frames: int) -> list[np.ndarray]:
+    return [sample_world(seed).clip(0, num_frames) for seed in seeds]
+
+
+def reconstruct(vae_dir: Path, videos: list[np.ndarray]) -> list[np.ndarray]:
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from arvideo.vae import denormalise_latents, encode_video, to_uint8
+
+    vae = AutoencoderKLWan.from_pretrained(vae_dir).eval().requires_grad_(False)
+    out = []
+    with torch.no_grad():
+        for v in videos:
+            n = 1 + 4 * ((len(v) - 1) // 4)
+            latents = encode_video(vae, v[:n])
+            out.append(to_uint8(vae.decode(denormalise_latents(vae, latents)).sample))
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    names = list(results)
+    keys = list(next(iter(results.values()))["by"])
+    order = {"all": 0, "time": 1, "size": 2, "colour": 3, "shape": 4, "background": 5, "objects in caption": 6}
+    keys.sort(key=lambda k: (order[k[0]], k[1] if k[0] != "size" else ["small", "medium", "large"].index(k[1])))
+    head = "| category | " + " | ".join(f"{n} present" for n in names) + " | " + " | ".join(
+        f"{names[0]} {k}" for k in ("absent", "too small", "too large")) + " |"
+    lines = [head, "| --- |" + " ---: |" * (len(names) + 3)]
+    for key in keys:
+        cells = []
+        for n in names:
+            c = results[n]["by"].get(key)
+            cells.append(f"{c[0] / _count(c):.3f}" if c else "-")
+        c = results[names[0]]["by"][key]
+        total = _count(c)
+        lines.append(f"| {key[0]}: {key[1]} | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{c[i] / total:.3f}" for i in (1, 2, 3)) + " |")
+    return "\n".join(lines)
+
+
+def _count(c) -> float:
+    # present + absent + too small + too large partition the frame-object pairs
+    return c[0] + c[1] + c[2] + c[3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, help="seedN.npy files from `arvideo eval --save-dir`")
+    p.add_argument("--first", type=int, default=4, help="frames of the first chunk (block size x temporal factor)")
+    p.add_argument("--world", action="store_true", help="also score the world's own frames of the same seeds")
+    p.add_argument("--vae", type=Path, help="also score this VAE's reconstructions of the world's frames")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    videos, seeds = [], []
+    for f in sorted(args.files):
+        meta = json.loads(f.with_suffix(".json").read_text())
+        videos.append((np.load(f), meta["caption"]))
+        seeds.append(int(meta["seed"]))
+    results = {"model": analyse(videos, args.first)}
+    if args.world or args.vae:
+        world = world_videos(seeds, len(videos[0][0]))
+        if args.world:
+            results["world"] = analyse(list(zip(world, [c for _, c in videos])), args.first)
+        if args.vae:
+            rec = reconstruct(args.vae, world)
+            results["VAE reconstruction"] = analyse(list(zip(rec, [c for _, c in videos])), args.first)
+    print(f"{len(videos)} videos ({', '.join(map(str, seeds))}), {len(videos[0][0])} frames; present(o, f) rate per "
+          f"category, and for the model the share of frame-object pairs missed by kind (absent: mass < {ABSENT} A; "
+          "too small: below 0.4 A; too large: above 2.5 A)\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({k: {"by": {" / ".join(kk): vv for kk, vv in v["by"].items()},
+                                              "per_video": v["per_video"]} for k, v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
