@@ -8,6 +8,7 @@ is larger than most differences between settings, so the standard error is part 
     arvideo eval --generate 12 --frames 160 --json a.json kv.positions=absolute
     arvideo eval --generate 12 --frames 160 --json b.json kv.positions=reindexed
     python scripts/compare_evals.py a.json b.json
+    python scripts/compare_evals.py a1.json,a2.json b1.json,b2.json   # runs made in parts
 """
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ from arvideo.world.metrics import METRICS, paired_difference
 
 
 def load_rows(path: str) -> dict[int, dict]:
-    rows = json.load(open(path))["rows"]
-    return {int(r["seed"]): r for r in rows}
+    """Rows by seed of one run; `a.json,b.json` joins runs made in parts (e.g. two processes over
+    consecutive seed ranges); a seed in two parts is an error."""
+    out: dict[int, dict] = {}
+    for part in path.split(","):
+        for r in json.load(open(part))["rows"]:
+            if int(r["seed"]) in out:
+                sys.exit(f"seed {r['seed']} appears twice in {path}: join parts over different seeds")
+            out[int(r["seed"])] = r
+    return out
 
 
 def compare(first: str, second: str) -> str:

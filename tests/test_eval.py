@@ -84,3 +84,12 @@ def test_paired_difference_and_the_compare_script(tmp_path):
     bad = subprocess.run([sys.executable, script, tmp_path / "a.json", tmp_path / "c.json"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "same --generate N" in bad.stderr
+    # a run made in parts (two processes over consecutive seeds) is joined with a comma
+    (tmp_path / "a1.json").write_text(json.dumps(rows([0.5, 0.9], [7, 8])))
+    (tmp_path / "a2.json").write_text(json.dumps(rows([0.2], [9])))
+    joined = subprocess.run([sys.executable, script, f"{tmp_path / 'a1.json'},{tmp_path / 'a2.json'}",
+                             tmp_path / "b.json"], capture_output=True, text=True, check=True).stdout
+    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in joined
+    dup = subprocess.run([sys.executable, script, f"{tmp_path / 'a.json'},{tmp_path / 'a2.json'}", tmp_path / "b.json"],
+                         capture_output=True, text=True)
+    assert dup.returncode != 0 and "appears twice" in dup.stderr
