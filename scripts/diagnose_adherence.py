@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from arvideo.world import sample_world  # noqa: E402
 from arvideo.world.captions import parse_caption  # noqa: E402
-from arvideo.world.metrics import is_present, object_masses  # noqa: E402
+from arvideo.world.metrics import PRESENT_BOUNDS, is_present, object_masses  # noqa: E402
 
 ABSENT = 0.1  # mass below 0.1 A: the colour is not drawn at all
 
@@ -46,7 +46,8 @@ def analyse(videos: list[tuple[np.ndarray, str]], first: int) -> dict:
         mass, areas = object_masses(frames, spec)
         present = is_present(mass, areas)
         ratio = mass / areas
-        kinds = np.stack([present, ratio < ABSENT, (ratio >= ABSENT) & ~present & (ratio < 1), ratio > 2.5], axis=-1)
+        kinds = np.stack([present, ratio < ABSENT, (ratio >= ABSENT) & (ratio < PRESENT_BOUNDS[0]),
+                          ratio > PRESENT_BOUNDS[1]], axis=-1)  # a partition of the frame-object pairs
         per_video.append(float(present.mean()))
         for name, s in time_bins(len(frames), first):
             by[("time", name)] += kinds[s].reshape(-1, 4).sum(axis=0)

@@ -72,12 +72,24 @@ def object_masses(frames: np.ndarray, caption: str | SceneSpec) -> tuple[np.ndar
     spec = parse_caption(caption) if isinstance(caption, str) else caption
     frames = np.asarray(frames)
     num_frames, height, width, _ = frames.shape
+    labels = _classify(frames, _palette(spec)).reshape(num_frames, -1)
+    mass = np.stack([(labels == label).sum(axis=1) for label in _object_labels(spec)], axis=1)
+    return mass.astype(np.float64), _expected_areas(spec, height, width)
+
+
+def _palette(spec: SceneSpec) -> np.ndarray:
+    """The classification palette: the caption's background (label 0), then the 8 object colours (1..8)."""
+    return np.array([spec.background_rgb] + list(OBJECT_COLOURS.values()))
+
+
+def _object_labels(spec: SceneSpec) -> list[int]:
     colour_names = list(OBJECT_COLOURS)
-    palette = np.array([spec.background_rgb] + [OBJECT_COLOURS[c] for c in colour_names])
-    labels = _classify(frames, palette).reshape(num_frames, -1)
-    mass = np.stack([(labels == 1 + colour_names.index(o.colour)).sum(axis=1) for o in spec.objects], axis=1)
-    areas = np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * height * width / _REF_SIZE**2
-    return mass.astype(np.float64), areas
+    return [1 + colour_names.index(o.colour) for o in spec.objects]
+
+
+def _expected_areas(spec: SceneSpec, height: int, width: int) -> np.ndarray:
+    """Each captioned object's expected area in pixels, scaled from 64 x 64 to the frame size."""
+    return np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * height * width / _REF_SIZE**2
 
 
 def _classify(frames: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -118,8 +130,7 @@ def score_video(frames: np.ndarray, caption: str | SceneSpec) -> dict[str, float
     area_scale = height * width / _REF_SIZE**2
     step_scale = math.sqrt(area_scale)
 
-    colour_names = list(OBJECT_COLOURS)
-    palette = np.array([spec.background_rgb] + [OBJECT_COLOURS[c] for c in colour_names])
+    palette = _palette(spec)
     labels = _classify(frames, palette)  # 0 background, 1..8 object colours, 9 unclassified
     num_labels = len(palette) + 1
 
@@ -135,8 +146,8 @@ def score_video(frames: np.ndarray, caption: str | SceneSpec) -> dict[str, float
     cx = sum_x.reshape(num_frames, num_labels) / safe
     cy = sum_y.reshape(num_frames, num_labels) / safe
 
-    captioned = [1 + colour_names.index(o.colour) for o in spec.objects]
-    areas = np.array([expected_area(o.shape, o.radius) for o in spec.objects]) * area_scale
+    captioned = _object_labels(spec)
+    areas = _expected_areas(spec, height, width)
     obj_mass = mass[:, captioned]  # [F, O]
     present = is_present(obj_mass, areas)
 
