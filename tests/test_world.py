@@ -405,3 +405,11 @@ def test_diagnose_adherence_script_splits_misses_by_time_and_kind(tmp_path):
     assert model["time / 40-79"][1] >= 8  # the vanished object: absent in each of frames 40-47
     assert rate(model["time / first chunk (0-3)"]) == rate(ref["time / first chunk (0-3)"])
     assert sum(model["all / all"]) == frames * n_obj
+
+    # --vae: the world's frames through a VAE (here the tiny random one), scored the same way
+    from tests.tiny import save_tiny_model_folder
+
+    vae = save_tiny_model_folder(tmp_path / "tiny") / "vae"
+    assert diag.main([str(tmp_path / f"seed{seed}.npy"), "--vae", str(vae), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())["VAE reconstruction"]["by"]
+    assert sum(rec["all / all"]) == 45 * n_obj  # 1 + 4k frames of the 48 go through the encoder
