@@ -77,11 +77,13 @@ SWEEPS = {
                         ("B 1/5 + tau 0.5", "combination:tau=0.5,warmup=1,budget={fifth}", None)],
         # the combination as it works best on v5 (session 14): FlowCache's per-chunk decisions by the
         # slope indicator, the fitted estimator for skipped steps, optionally on a calibrated floor
-        "combination-slope": [("tau 0.02", f"combination:tau=0.02,{SLOPE}", None),
+        "combination-slope": [("tau 0.01", f"combination:tau=0.01,{SLOPE}", None),
+                              ("tau 0.02", f"combination:tau=0.02,{SLOPE}", None),
                               ("tau 0.04", f"combination:tau=0.04,{SLOPE}", None),
                               ("B 1/3 + tau 0.15", f"combination:tau=0.15,budget={{third}},{SLOPE}", None),
                               ("B 1/4 + tau 0.15", f"combination:tau=0.15,budget={{quarter}},{SLOPE}", None),
-                              ("B 1/5 + tau 0.08", f"combination:tau=0.08,budget={{fifth}},{SLOPE}", None)],
+                              ("B 1/5 + tau 0.08", f"combination:tau=0.08,budget={{fifth}},{SLOPE}", None),
+                              ("B 1/5 + tau 0.3", f"combination:tau=0.3,budget={{fifth}},{SLOPE}", None)],
         "deepcache": [("1:2", "deepcache:interval=2", None), ("1:4", "deepcache:interval=4", None),
                       ("1:4 non-uniform", "deepcache:interval=4,schedule=nonuniform", None)],
         "presets": [("fast", "fast", None), ("quality", "quality", None)],
@@ -390,6 +392,21 @@ def merge(args, argv) -> int:
     return 0
 
 
+def select_configs(configs: list[tuple], only: str | None = None, labels: list[str] | None = None) -> list[tuple]:
+    """The sweep's (family, label, preset, steps) settings in the families `only` (comma-separated) and,
+    within them, with the given labels; a label that names no selected setting is an error."""
+    if only:
+        keep = set(only.split(","))
+        configs = [c for c in configs if c[0] in keep]
+    if labels:
+        unknown = set(labels) - {c[1] for c in configs}
+        if unknown:
+            raise ValueError(f"--label {', '.join(sorted(unknown))}: no such setting in the selected families "
+                             f"(labels: {', '.join(c[1] for c in configs)})")
+        configs = [c for c in configs if c[1] in labels]
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded shapes model)")
@@ -399,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="default")
     p.add_argument("--quick", action="store_true", help="smoke run: 24 frames, 1 caption, the quick sweep")
     p.add_argument("--only", default=None, help="comma-separated families to run (besides none)")
+    p.add_argument("--label", action="append", default=None, metavar="LABEL",
+                   help="run only the settings with this label within the selected families, e.g. --only "
+                        "combination-slope --label 'tau 0.01' (repeatable)")
     p.add_argument("--extra", action="append", default=None, metavar="PRESET",
                    help="another preset to run, e.g. combination:tau=0.5,warmup=2 or none@5 (5 steps) (repeatable)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher-forced runs")
@@ -432,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     base = replace(base, sampler=replace(base.sampler, name=r.cfg.sampler.name))
     steps = r.steps
     configs = sweep_configs(args.sweep, steps)
-    if args.only:
-        keep = set(args.only.split(","))
-        configs = [c for c in configs if c[0] in keep]
+    try:
+        configs = select_configs(configs, args.only, args.label)
+    except ValueError as e:
+        p.error(str(e))
     for item in args.extra or []:
         preset, _, at = item.partition("@")
         name = preset.partition(":")[0]

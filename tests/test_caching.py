@@ -752,3 +752,12 @@ def test_bench_caching_compares_two_rows_caption_by_caption():
     lines = bench.paired(rows, ("x", "B 1/4"), ("presets", "fast"))
     assert lines == ["- x B 1/4 - presets fast, teacher-forced PSNR: -0.83 +- 0.17 dB (higher on 0, lower on 3 of 3 captions)"]
     assert "fewer than 2 captions" in bench.paired(rows[:1] + rows[3:4], ("x", "B 1/4"), ("presets", "fast"))[0]
+
+    # --only / --label pick settings of the sweep; an unknown label is an error that lists the labels
+    configs = bench.sweep_configs("default", 20)
+    picked = bench.select_configs(configs, "combination-slope", ["tau 0.01", "B 1/5 + tau 0.3"])
+    assert [(c[0], c[1]) for c in picked] == [("combination-slope", "tau 0.01"), ("combination-slope", "B 1/5 + tau 0.3")]
+    assert "budget=4" in picked[1][2] and "tau=0.3" in picked[1][2]  # a fifth of 20 steps as the floor
+    assert {c[0] for c in bench.select_configs(configs, "fora,teacache")} == {"fora", "teacache"}
+    with pytest.raises(ValueError, match="no such setting.*labels: tau 0.01"):
+        bench.select_configs(configs, "combination-slope", ["tau 9"])
