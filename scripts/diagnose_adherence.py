@@ -23,6 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval_vae's reconstruction, also when loaded by path
 
 from arvideo.world import sample_world  # noqa: E402
 from arvideo.world.captions import parse_caption  # noqa: E402
@@ -38,9 +39,10 @@ def time_bins(num_frames: int, first: int) -> list[tuple[str, slice]]:
 
 
 def analyse(videos: list[tuple[np.ndarray, str]], first: int) -> dict:
-    """Per-category present rates and miss kinds over (frames, caption) pairs."""
+    """Per-category present rates and miss kinds over (frames, caption) pairs, and per object of each video
+    its present rate and median mass / expected area."""
     by = defaultdict(lambda: np.zeros(4))  # present, absent, too small, too large (frame-object counts)
-    per_video = []
+    per_video, per_object = [], []
     for frames, caption in videos:
         spec = parse_caption(caption)
         mass, areas = object_masses(frames, spec)
@@ -49,6 +51,9 @@ def analyse(videos: list[tuple[np.ndarray, str]], first: int) -> dict:
         kinds = np.stack([present, ratio < ABSENT, (ratio >= ABSENT) & (ratio < PRESENT_BOUNDS[0]),
                           ratio > PRESENT_BOUNDS[1]], axis=-1)  # a partition of the frame-object pairs
         per_video.append(float(present.mean()))
+        per_object += [{"caption": caption, "object": f"{o.size} {o.colour} {o.shape}",
+                        "present": float(present[:, k].mean()), "median_mass_ratio": float(np.median(ratio[:, k]))}
+                       for k, o in enumerate(spec.objects)]
         for name, s in time_bins(len(frames), first):
             by[("time", name)] += kinds[s].reshape(-1, 4).sum(axis=0)
         for k, o in enumerate(spec.objects):
@@ -56,27 +61,20 @@ def analyse(videos: list[tuple[np.ndarray, str]], first: int) -> dict:
                                ("background", spec.background), ("objects in caption", str(len(spec.objects)))):
                 by[(cat, value)] += kinds[:, k].sum(axis=0)
         by[("all", "all")] += kinds.reshape(-1, 4).sum(axis=0)
-    return {"by": {k: v.tolist() for k, v in by.items()}, "per_video": per_video}
+    return {"by": {k: v.tolist() for k, v in by.items()}, "per_video": per_video, "per_object": per_object}
 
 
 def world_videos(seeds: list[int], num_frames: int) -> list[np.ndarray]:
     return [sample_world(seed).clip(0, num_frames) for seed in seeds]
 
 
-def reconstruct(vae_dir: Path, videos: list[np.ndarray]) -> list[np.ndarray]:
-    import torch
-    from diffusers import AutoencoderKLWan
+def reconstruct(vae_path: Path, videos: list[np.ndarray]) -> list[np.ndarray]:
+    """The VAE's round trip of each video (its first 1 + 4k frames), as `eval_vae.py` measures it."""
+    from eval_vae import load
+    from eval_vae import reconstruct as round_trip
 
-    from arvideo.vae import denormalise_latents, encode_video, to_uint8
-
-    vae = AutoencoderKLWan.from_pretrained(vae_dir).eval().requires_grad_(False)
-    out = []
-    with torch.no_grad():
-        for v in videos:
-            n = 1 + 4 * ((len(v) - 1) // 4)
-            latents = encode_video(vae, v[:n])
-            out.append(to_uint8(vae.decode(denormalise_latents(vae, latents)).sample))
-    return out
+    vae = load(vae_path)
+    return [round_trip(vae, v[: 1 + 4 * ((len(v) - 1) // 4)])[0] for v in videos]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -91,17 +89,12 @@ def table(results: dict[str, dict]) -> str:
         cells = []
         for n in names:
             c = results[n]["by"].get(key)
-            cells.append(f"{c[0] / _count(c):.3f}" if c else "-")
+            cells.append(f"{c[0] / sum(c):.3f}" if c else "-")
         c = results[names[0]]["by"][key]
-        total = _count(c)
+        total = sum(c)  # present + absent + too small + too large partition the frame-object pairs
         lines.append(f"| {key[0]}: {key[1]} | " + " | ".join(cells) + " | "
                      + " | ".join(f"{c[i] / total:.3f}" for i in (1, 2, 3)) + " |")
     return "\n".join(lines)
-
-
-def _count(c) -> float:
-    # present + absent + too small + too large partition the frame-object pairs
-    return c[0] + c[1] + c[2] + c[3]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", type=int, default=4, help="frames of the first chunk (block size x temporal factor)")
     p.add_argument("--world", action="store_true", help="also score the world's own frames of the same seeds")
     p.add_argument("--vae", type=Path, help="also score this VAE's reconstructions of the world's frames")
+    p.add_argument("--objects", action="store_true",
+                   help="also list, video by video, the model's objects present in under half of the frames")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     videos, seeds = [], []
@@ -129,9 +124,16 @@ def main(argv: list[str] | None = None) -> int:
           f"category, and for the model the share of frame-object pairs missed by kind (absent: mass < {ABSENT} A; "
           "too small: below 0.4 A; too large: above 2.5 A)\n")
     print(table(results))
+    if args.objects:
+        print("\nObjects present in under half of the frames (present rate, median mass / expected area):\n")
+        for seed, caption in zip(seeds, [c for _, c in videos]):
+            missed = [o for o in results["model"]["per_object"] if o["caption"] == caption and o["present"] < 0.5]
+            if missed:
+                print(f"- {seed} \"{caption}\": " + "; ".join(
+                    f"{o['object']} {o['present']:.2f}, {o['median_mass_ratio']:.2f}" for o in missed))
     if args.json:
-        args.json.write_text(json.dumps({k: {"by": {" / ".join(kk): vv for kk, vv in v["by"].items()},
-                                              "per_video": v["per_video"]} for k, v in results.items()}, indent=1))
+        args.json.write_text(json.dumps({k: {**v, "by": {" / ".join(kk): vv for kk, vv in v["by"].items()}}
+                                         for k, v in results.items()}, indent=1))
     return 0
 
 

@@ -389,6 +389,7 @@ def test_diagnose_adherence_script_splits_misses_by_time_and_kind(tmp_path):
     colour = np.array(OBJECT_COLOURS[world.spec.objects[0].colour], dtype=np.uint8)
     later = video[40:]
     later[(later == colour).all(axis=-1)] = world.spec.background_rgb  # the first object vanishes from frame 40
+    video[20:24, :32] = colour  # and covers the top half in frames 20-23: far above 2.5 A
     np.save(tmp_path / f"seed{seed}.npy", video)
     (tmp_path / f"seed{seed}.json").write_text(json.dumps({"caption": world.spec.caption, "seed": seed}))
     out = tmp_path / "diag.json"
@@ -403,6 +404,10 @@ def test_diagnose_adherence_script_splits_misses_by_time_and_kind(tmp_path):
     assert rate(model["all / all"]) == pytest.approx(score_video(video, world.spec)["adherence"], abs=1e-12)
     assert rate(ref["all / all"]) == pytest.approx(score_video(world.clip(0, frames), world.spec)["adherence"])
     assert model["time / 40-79"][1] >= 8  # the vanished object: absent in each of frames 40-47
+    assert model["time / 4-39"][3] >= 4 and ref["time / 4-39"][3] == 0  # too large in frames 20-23
+    first = res["model"]["per_object"][0]
+    assert first["object"] == "{0.size} {0.colour} {0.shape}".format(world.spec.objects[0])
+    assert first["present"] == pytest.approx((frames - 8 - 4) / frames)  # all but frames 20-23 and 40-47
     assert rate(model["time / first chunk (0-3)"]) == rate(ref["time / first chunk (0-3)"])
     assert sum(model["all / all"]) == frames * n_obj
 
