@@ -200,6 +200,12 @@ class Engine:
             texts.append(self.backbone.prepare_text(text.to(device=device, dtype=dtype)))
         return texts
 
+    @staticmethod
+    def _guide(v: torch.Tensor, r: Resolved) -> torch.Tensor:
+        """Classifier-free guidance over the passes of one call: the conditional pass first, the
+        unconditional one last."""
+        return v[1:2] + r.guidance * (v[0:1] - v[1:2])
+
     # -- public API ------------------------------------------------------------------------------
     def generate(self, cfg: GenerateConfig, **kwargs) -> np.ndarray:
         """Collects every frame of `stream` (uint8 [frames, H, W, 3])."""
@@ -450,7 +456,7 @@ class Engine:
                                   **({"deep": deep} if deep else {}))
                 self.model_calls += 1
                 if batch > 1 and not reuse_guidance:
-                    v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
+                    v = self._guide(v, r)
                 offset = 0
                 for j, c in enumerate(computed):
                     part = v[:, :, offset : offset + c.num_frames]
@@ -570,7 +576,7 @@ class Engine:
                                   plan, None, fps=r.fps)
                 self.model_calls += 1
                 if batch > 1:
-                    v = v[1:2] + r.guidance * (v[0:1] - v[1:2])
+                    v = self._guide(v, r)
                 update = (row != prev) & (row != r.steps + 1)
                 events = []
                 for bi in torch.nonzero(update).flatten().tolist():
