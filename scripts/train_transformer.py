@@ -81,6 +81,81 @@ def render_clips(job: tuple) -> tuple[np.ndarray, list[str], torch.Tensor]:
     return np.stack(clips), captions, torch.stack(masks)
 
 
+def pool_jobs(seed, batch: int, frames: int, tf: int, sf: int, num_clips: int | None = None):
+    """Render jobs of `batch` clips, (world seeds, start frames, frames, tf, sf), drawn from `seed`
+    (an int or a numpy seed sequence); endless when num_clips is None."""
+    rng = np.random.default_rng(seed)
+    made = 0
+    while num_clips is None or made < num_clips:
+        n = batch if num_clips is None else min(batch, num_clips - made)
+        seeds, starts = [], []
+        for _ in range(n):  # the draw order of the single-process version: seed, then start, per clip
+            seeds.append(int(rng.integers(1000, 10**8)))
+            starts.append(int(rng.integers(0, 4000)))
+        yield (seeds, starts, frames, tf, sf)
+        made += n
+
+
+def fork_workers(workers: int):
+    import multiprocessing as mp
+
+    return mp.get_context("fork").Pool(workers)
+
+
+class Renderer:
+    """Renders jobs in order: inline, or in `workers` processes with at most two jobs per worker
+    waiting (so an endless job stream holds bounded memory). Start it before anything touches CUDA:
+    the workers are forked."""
+
+    def __init__(self, jobs, workers: int = 0, procs=None):
+        self.jobs, self.workers, self.pending = iter(jobs), workers, []
+        self.procs = procs  # a process pool forked earlier (before CUDA), or one made here
+        if workers > 0:
+            self.procs = self.procs or fork_workers(workers)
+            self._top_up()
+
+    def _top_up(self) -> None:
+        while len(self.pending) < 2 * self.workers:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            self.pending.append(self.procs.apply_async(render_clips, (job,)))
+
+    def next(self, block: bool = True):
+        """The next rendered batch (clips, captions, masks); None when the jobs are exhausted, or
+        (block=False, workers only) when it is not rendered yet."""
+        if self.procs is None:
+            job = next(self.jobs, None)
+            return None if job is None else render_clips(job)
+        if not self.pending or (not block and not self.pending[0].ready()):
+            return None
+        out = self.pending.pop(0).get()
+        self._top_up()
+        return out
+
+    def close(self) -> None:
+        if self.procs is not None:
+            self.procs.terminate()
+            self.procs.join()
+            self.procs = None
+
+
+class LatentEncoder:
+    """The frozen VAE on `device`: uint8 clips -> normalised fp16 posterior-mean latents."""
+
+    def __init__(self, vae, device):
+        self.device = torch.device(device)
+        self.vae = vae.to(self.device)
+        z_dim = vae.config.z_dim
+        self.mean = torch.tensor(vae.config.latents_mean, device=self.device).view(1, z_dim, 1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=self.device).view(1, z_dim, 1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, clips: np.ndarray) -> torch.Tensor:
+        z = self.vae.encode(to_video_tensor(clips).to(self.device)).latent_dist.mode()
+        return ((z - self.mean) * self.inv_std).half()
+
+
 @torch.no_grad()
 def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4, workers: int = 0,
                device: torch.device | str = "cpu") -> dict:
@@ -88,45 +163,59 @@ def build_pool(vae, num_clips: int, frames: int, seed: int, batch: int = 4, work
 
     `workers` > 0 renders the clips in that many processes (started before the VAE moves to `device`);
     the VAE encodes on `device`, and the pool stays there. The clips depend on `seed` alone."""
-    rng = np.random.default_rng(seed)
     tf, sf = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-    jobs = []
-    for i in range(0, num_clips, batch):
-        n = min(batch, num_clips - i)
-        seeds, starts = [], []
-        for _ in range(n):  # the draw order of the single-process version: seed, then start, per clip
-            seeds.append(int(rng.integers(1000, 10**8)))
-            starts.append(int(rng.integers(0, 4000)))
-        jobs.append((seeds, starts, frames, tf, sf))
-    procs = None
-    if workers > 0:
-        import multiprocessing as mp
-
-        procs = mp.get_context("fork").Pool(workers)
-        rendered = procs.imap(render_clips, jobs)
-    else:
-        rendered = map(render_clips, jobs)
-    device = torch.device(device)
-    vae = vae.to(device)
-    z_dim = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, z_dim, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, z_dim, 1, 1, 1)
+    renderer = Renderer(pool_jobs(seed, batch, frames, tf, sf, num_clips), workers)
+    encode = LatentEncoder(vae, device)
     latents, masks, captions = [], [], []
     t0 = time.time()
-    done = 0
-    for k, (clips, caps, m) in enumerate(rendered):
-        z = vae.encode(to_video_tensor(clips).to(device)).latent_dist.mode()
-        latents.append(((z - mean) * inv_std).half())
-        masks.append(m.to(device))
+    k = 0
+    while (rendered := renderer.next()) is not None:
+        clips, caps, m = rendered
+        latents.append(encode(clips))
+        masks.append(m.to(encode.device))
         captions.extend(caps)
-        done += len(caps)
         if k % 25 == 0:
-            print(f"pool: {done}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
-    if procs is not None:
-        procs.close()
-        procs.join()
-    print(f"pool: {done} clips in {time.time() - t0:.0f}s", flush=True)
+            print(f"pool: {len(captions)}/{num_clips} clips encoded, {time.time() - t0:.0f}s", flush=True)
+        k += 1
+    renderer.close()
+    print(f"pool: {len(captions)} clips in {time.time() - t0:.0f}s", flush=True)
     return dict(latents=torch.cat(latents), masks=torch.cat(masks), captions=captions, frames=frames)
+
+
+class PoolRefresher:
+    """Keeps the pool fresh during training (`--pool-refresh K`): worker processes render new world
+    clips all along, and every K steps one rendered batch, if one is ready (training never waits for
+    it), is encoded and overwrites the oldest clips of the pool, with their masks and captions. So
+    a run can start from a small pool and still see new clips throughout, instead of spending
+    minutes of a GPU lease building a large one."""
+
+    def __init__(self, renderer: Renderer, encode: LatentEncoder, tokenizer, pool: dict):
+        self.renderer, self.encode, self.tokenizer = renderer, encode, tokenizer
+        self.pool = pool  # latents, masks, ids, mask: tensors written in place
+        self.cursor = 0  # the oldest slot
+        self.replaced = 0
+
+    def poll(self, block: bool = False) -> int:
+        """Encodes one rendered batch into the oldest slots if one is ready; the clips written."""
+        rendered = self.renderer.next(block=block)
+        if rendered is None:
+            return 0
+        clips, caps, m = rendered
+        z = self.encode(clips)
+        ids, mask = tokenize(self.tokenizer, caps, MAX_SEQUENCE_LENGTH)
+        n_pool, n = self.pool["latents"].shape[0], len(caps)
+        slots = (self.cursor + torch.arange(n)) % n_pool
+        frames = self.pool["latents"].shape[2]
+        if z.shape[2] != frames:
+            raise RuntimeError(f"refresh clips have {z.shape[2]} latent frames, the pool {frames}")  # pragma: no cover
+        self.pool["latents"][slots] = z.to(self.pool["latents"].device)
+        if self.pool.get("masks") is not None:
+            self.pool["masks"][slots] = m.to(self.pool["masks"].device)
+        self.pool["ids"][slots] = ids
+        self.pool["mask"][slots] = mask
+        self.cursor = int((self.cursor + n) % n_pool)
+        self.replaced += n
+        return n
 
 
 def object_mask(clip: np.ndarray, background_rgb, tf: int, sf: int) -> torch.Tensor:
@@ -194,6 +283,10 @@ def main() -> None:
                    help="latent pool file (default OUT/pool.pt); built and saved if missing, else loaded, so runs "
                         "side by side can share one")
     p.add_argument("--pool-workers", type=int, default=0, help="processes rendering the pool's world clips")
+    p.add_argument("--pool-refresh", type=int, default=0, metavar="K",
+                   help="every K steps, replace the pool's oldest clips with one batch of new world clips rendered "
+                        "in the background by the --pool-workers processes (if one is ready; training never waits); "
+                        "0 = a fixed pool")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--ema", type=float, default=0.995)
@@ -231,6 +324,10 @@ def main() -> None:
     if T % cbs:
         raise SystemExit(f"--clip-latents {T} must be a multiple of --causal-block-size {cbs}")
 
+    if args.pool_refresh and args.pool_workers < 1:
+        raise SystemExit("--pool-refresh renders new clips in the background: give --pool-workers N (N >= 1)")
+    # forked now, before anything touches CUDA; they render the refresh clips once training runs
+    refresh_procs = fork_workers(args.pool_workers) if args.pool_refresh else None
     pool_path = args.pool or args.out / "pool.pt"
     if pool_path.exists() and (args.resume or args.pool is not None):
         pool = torch.load(pool_path, map_location=device, weights_only=False)
@@ -245,6 +342,9 @@ def main() -> None:
     print(f"pool: {N} clips x {P} latent frames; std {latents.float().std():.3f}", flush=True)
     if P < T:
         raise SystemExit(f"pool clips have {P} latent frames, fewer than --clip-latents {T}")
+    if args.pool_refresh and pool.get("frames", args.pool_frames) != args.pool_frames:
+        raise SystemExit(f"--pool-refresh renders --pool-frames {args.pool_frames} frames a clip, the pool has "
+                         f"{pool['frames']}: give --pool-frames {pool['frames']}")
 
     tokenizer = build_tokenizer()
     ids, mask = tokenize(tokenizer, pool["captions"], MAX_SEQUENCE_LENGTH)
@@ -286,6 +386,13 @@ def main() -> None:
         prior = ck.get("init", {})
         print(f"resumed at step {step} ({wall_before / 60:.1f} min trained)", flush=True)
 
+    refresher = None
+    if args.pool_refresh:
+        # a stream of its own per (seed, step), so a resumed run renders clips it has not seen
+        jobs = pool_jobs(np.random.SeedSequence([args.seed + 1, 1, step]), max(4, args.batch // 4), args.pool_frames,
+                         vae.config.scale_factor_temporal, vae.config.scale_factor_spatial)
+        refresher = PoolRefresher(Renderer(jobs, args.pool_workers, procs=refresh_procs), LatentEncoder(vae, device),
+                                  tokenizer, dict(latents=latents, masks=masks, ids=ids, mask=mask))
     gen = torch.Generator().manual_seed(args.seed * 1000 + step)
     # Noise is drawn where it is used (a CPU draw copied to the GPU would cost more than the step).
     dgen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed * 1000 + step)
@@ -373,11 +480,15 @@ def main() -> None:
         opt.step()
         ema.update(model)
         step += 1
+        if refresher is not None and step % args.pool_refresh == 0:
+            refresher.poll()
         running.append(loss.detach())  # read at log time: a .item() per step would wait for the GPU
 
         if step % args.log_every == 0:
             row = dict(step=step, wall_s=round(wall_before + clock.elapsed(), 1), lr=f"{lr:.2e}",
                        loss=round(torch.stack(running).mean().item(), 5), grad_norm=round(gn.item(), 3))
+            if refresher is not None:
+                row["refreshed"] = refresher.replaced
             running = []
             log.write(row)
             print(row, flush=True)
@@ -390,6 +501,8 @@ def main() -> None:
             model.train()
             last_eval = last_save = time.time()
 
+    if refresher is not None:
+        refresher.renderer.close()
     save()
     print(f"saved {last} at step {step}, {(wall_before + clock.elapsed()) / 60:.1f} min trained", flush=True)
     if args.eval_every_min > 0:

@@ -72,7 +72,8 @@ def test_vae_transformer_init_resume_export_then_load(tmp_path):
     assert all(torch.equal(folder_ck["ema"]["shadow"][k], ema[k].float()) for k in ema)
     assert folder_ck["step"] == 5
     out = run("train_transformer.py", "--vae", model, "--init", model, "--out", tmp_path / "df3", "--steps", 1,
-              "--batch", 2, "--pool-clips", 2, "--pool-frames", 17, "--pool-workers", 1, "--eval-every-min", 0,
+              "--batch", 2, "--pool-clips", 2, "--pool-frames", 17, "--pool-workers", 1, "--pool-refresh", 1,
+              "--eval-every-min", 0,
               "--threads", 1, "--log", tmp_path / "df3.csv")
     assert f"initialised from the EMA weights of {model}" in out
     run("export_model.py", "--vae", model, "--df", tmp_path / "df3" / "last.pt", "--out", tmp_path / "model3")
@@ -98,6 +99,43 @@ def test_pool_rendered_by_worker_processes_equals_the_single_process_pool():
     torch.testing.assert_close(rebatched["latents"], one["latents"], rtol=0, atol=1e-3)  # fp16; VAE batch size only
     other = module.build_pool(vae, num_clips=5, frames=9, seed=4, batch=2)
     assert not torch.equal(one["latents"], other["latents"])  # the seed, not the batching, picks the clips
+
+
+def test_pool_refresh_overwrites_the_oldest_clips_with_new_ones_and_their_captions():
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    module = _load_script("train_transformer")
+    from _train_common import MAX_SEQUENCE_LENGTH, VAE_CONFIG, build_tokenizer, tokenize
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * 16, latents_std=[1.0] * 16).eval()
+    pool = module.build_pool(vae, num_clips=3, frames=9, seed=3, batch=2)
+    tokenizer = build_tokenizer()
+    ids, mask = tokenize(tokenizer, pool["captions"], MAX_SEQUENCE_LENGTH)
+    tensors = dict(latents=pool["latents"].clone(), masks=pool["masks"].clone(), ids=ids.clone(), mask=mask.clone())
+    tf, sf = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    jobs = list(module.pool_jobs(np.random.SeedSequence([9, 1, 0]), 2, 9, tf, sf, num_clips=4))
+    expected = [module.render_clips(job) for job in jobs]
+    encode = module.LatentEncoder(vae, "cpu")
+    refresher = module.PoolRefresher(module.Renderer(iter(jobs), workers=1), encode, tokenizer, tensors)
+    assert refresher.poll(block=True) == 2  # slots 0 and 1, the oldest
+    assert refresher.poll(block=True) == 2  # slot 2, then around to slot 0
+    assert refresher.poll(block=True) == 0 and refresher.replaced == 4  # the jobs are exhausted
+    refresher.renderer.close()
+    caps = expected[0][1] + expected[1][1]  # the clips of slots 0, 1, 2, 0 in order
+    for slot, clip in ((1, 1), (2, 2), (0, 3)):
+        batch, k = divmod(clip, 2)
+        torch.testing.assert_close(tensors["latents"][slot], encode(expected[batch][0])[k], rtol=0, atol=1e-3)
+        assert torch.equal(tensors["masks"][slot], expected[batch][2][k])
+        want_ids, want_mask = tokenize(tokenizer, [caps[clip]], MAX_SEQUENCE_LENGTH)
+        assert torch.equal(tensors["ids"][slot], want_ids[0]) and torch.equal(tensors["mask"][slot], want_mask[0])
+    assert not torch.equal(tensors["latents"], pool["latents"])
+    again = [module.render_clips(job)[1] for job in module.pool_jobs(np.random.SeedSequence([9, 1, 0]), 2, 9, tf, sf,
+                                                                     num_clips=4)]
+    assert again[0] + again[1] == caps  # the stream is fixed by its seed; another step gives other clips
+    other = next(module.pool_jobs(np.random.SeedSequence([9, 1, 5]), 2, 9, tf, sf))
+    assert other[0] != jobs[0][0]
 
 
 def _load_script(name: str):
