@@ -9,14 +9,29 @@ is larger than most differences between settings, so the standard error is part 
     arvideo eval --generate 12 --frames 160 --json b.json kv.positions=reindexed
     python scripts/compare_evals.py a.json b.json
     python scripts/compare_evals.py a1.json,a2.json b1.json,b2.json   # runs made in parts
+    python scripts/compare_evals.py peers.json:arvideo-fast peers.json:diffusers   # bench_peers rows
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from arvideo.world.metrics import METRICS, paired_difference
+
+
+def _videos(part: str) -> list[dict]:
+    """The scored videos of `arvideo eval --json F`, or of one row of `scripts/bench_peers.py`'s
+    json as `F:ROW` (its per-caption runs)."""
+    path, _, row = part.rpartition(":") if ":" in part and not Path(part).exists() else (part, "", "")
+    data = json.load(open(path))
+    if not row:
+        return data["rows"]
+    runs = [r for r in data.get("cpu", {}).get("runs", []) if r["row"] == row]
+    if not runs:
+        sys.exit(f"{path} has no bench_peers runs of row {row!r}")
+    return runs
 
 
 def load_rows(path: str) -> dict[int, dict]:
@@ -24,7 +39,7 @@ def load_rows(path: str) -> dict[int, dict]:
     consecutive seed ranges); a seed in two parts is an error."""
     out: dict[int, dict] = {}
     for part in path.split(","):
-        for r in json.load(open(part))["rows"]:
+        for r in _videos(part):
             if int(r["seed"]) in out:
                 sys.exit(f"seed {r['seed']} appears twice in {path}: join parts over different seeds")
             out[int(r["seed"])] = r

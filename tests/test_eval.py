@@ -93,3 +93,13 @@ def test_paired_difference_and_the_compare_script(tmp_path):
     dup = subprocess.run([sys.executable, script, f"{tmp_path / 'a.json'},{tmp_path / 'a2.json'}", tmp_path / "b.json"],
                          capture_output=True, text=True)
     assert dup.returncode != 0 and "appears twice" in dup.stderr
+    # a row of scripts/bench_peers.py's json (its per-caption runs), joined like any other part
+    peers = {"cpu": {"runs": [dict({m: v for m in METRICS}, seed=s, row=row)
+                              for row, v, s in (("x", 0.5, 7), ("x", 0.9, 8), ("y", 0.0, 7))]}}
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    rowwise = subprocess.run([sys.executable, script, f"{tmp_path / 'peers.json'}:x,{tmp_path / 'a2.json'}",
+                              tmp_path / "b.json"], capture_output=True, text=True, check=True).stdout
+    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in rowwise
+    missing = subprocess.run([sys.executable, script, f"{tmp_path / 'peers.json'}:z", tmp_path / "b.json"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no bench_peers runs of row 'z'" in missing.stderr
