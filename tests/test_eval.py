@@ -76,30 +76,29 @@ def test_paired_difference_and_the_compare_script(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows([0.5, 0.9, 0.2], [7, 8, 9])))
     (tmp_path / "b.json").write_text(json.dumps(rows([0.6, 0.9, 0.4], [9, 8, 7])))  # matched by seed, not order
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare_evals.py"
-    out = subprocess.run([sys.executable, script, tmp_path / "a.json", tmp_path / "b.json"], capture_output=True,
-                         text=True, check=True).stdout
+
+    def compare(first, second):
+        return subprocess.run([sys.executable, script, first, second], capture_output=True, text=True)
+
+    out = compare(tmp_path / "a.json", tmp_path / "b.json")
     # matched by seed: differences +0.1 (seed 7), 0 (8), -0.4 (9), as in the lists above
-    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in out
+    expected = "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |"
+    assert out.returncode == 0 and expected in out.stdout
     (tmp_path / "c.json").write_text(json.dumps(rows([0.1, 0.2], [7, 8])))
-    bad = subprocess.run([sys.executable, script, tmp_path / "a.json", tmp_path / "c.json"], capture_output=True,
-                         text=True)
+    bad = compare(tmp_path / "a.json", tmp_path / "c.json")
     assert bad.returncode != 0 and "same --generate N" in bad.stderr
     # a run made in parts (two processes over consecutive seeds) is joined with a comma
     (tmp_path / "a1.json").write_text(json.dumps(rows([0.5, 0.9], [7, 8])))
     (tmp_path / "a2.json").write_text(json.dumps(rows([0.2], [9])))
-    joined = subprocess.run([sys.executable, script, f"{tmp_path / 'a1.json'},{tmp_path / 'a2.json'}",
-                             tmp_path / "b.json"], capture_output=True, text=True, check=True).stdout
-    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in joined
-    dup = subprocess.run([sys.executable, script, f"{tmp_path / 'a.json'},{tmp_path / 'a2.json'}", tmp_path / "b.json"],
-                         capture_output=True, text=True)
+    joined = compare(f"{tmp_path / 'a1.json'},{tmp_path / 'a2.json'}", tmp_path / "b.json")
+    assert joined.returncode == 0 and expected in joined.stdout
+    dup = compare(f"{tmp_path / 'a.json'},{tmp_path / 'a2.json'}", tmp_path / "b.json")
     assert dup.returncode != 0 and "appears twice" in dup.stderr
     # a row of scripts/bench_peers.py's json (its per-caption runs), joined like any other part
     peers = {"cpu": {"runs": [dict({m: v for m in METRICS}, seed=s, row=row)
                               for row, v, s in (("x", 0.5, 7), ("x", 0.9, 8), ("y", 0.0, 7))]}}
     (tmp_path / "peers.json").write_text(json.dumps(peers))
-    rowwise = subprocess.run([sys.executable, script, f"{tmp_path / 'peers.json'}:x,{tmp_path / 'a2.json'}",
-                              tmp_path / "b.json"], capture_output=True, text=True, check=True).stdout
-    assert "| adherence | 0.533 | 0.633 | -0.100 +- 0.153 | 1 / 1 |" in rowwise
-    missing = subprocess.run([sys.executable, script, f"{tmp_path / 'peers.json'}:z", tmp_path / "b.json"],
-                             capture_output=True, text=True)
+    rowwise = compare(f"{tmp_path / 'peers.json'}:x,{tmp_path / 'a2.json'}", tmp_path / "b.json")
+    assert rowwise.returncode == 0 and expected in rowwise.stdout
+    missing = compare(f"{tmp_path / 'peers.json'}:z", tmp_path / "b.json")
     assert missing.returncode != 0 and "no bench_peers runs of row 'z'" in missing.stderr
