@@ -62,12 +62,35 @@ def compare(first: str, second: str) -> str:
     return "\n".join(lines)
 
 
+def by_objects(first: str, second: str, metric: str = "adherence") -> str:
+    """Each run's mean `metric` and seconds per video, by the number of objects in the caption."""
+    from arvideo.world.captions import parse_caption
+
+    a, b = load_rows(first), load_rows(second)
+    groups: dict[int, list[int]] = {}
+    for s in sorted(set(a) & set(b)):
+        groups.setdefault(len(parse_caption(a[s]["caption"]).objects), []).append(s)
+    lines = [f"| objects in caption | videos | first {metric} | second {metric} | first s / video | second s / video |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    def mean(rows: dict, seeds: list[int], key: str) -> float:
+        return sum(float(rows[s][key]) for s in seeds) / len(seeds)
+
+    for k, seeds in sorted(groups.items()):
+        lines.append(f"| {k} | {len(seeds)} | {mean(a, seeds, metric):.3f} | {mean(b, seeds, metric):.3f} | "
+                     f"{mean(a, seeds, 'seconds'):.1f} | {mean(b, seeds, 'seconds'):.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("first")
     p.add_argument("second")
+    p.add_argument("--by-objects", action="store_true",
+                   help="also each run's mean adherence and seconds per video by the caption's number of objects")
     args = p.parse_args()
     print(compare(args.first, args.second))
+    if args.by_objects:
+        print("\n" + by_objects(args.first, args.second))
 
 
 if __name__ == "__main__":

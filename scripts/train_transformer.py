@@ -205,9 +205,6 @@ class PoolRefresher:
         ids, mask = tokenize(self.tokenizer, caps, MAX_SEQUENCE_LENGTH)
         n_pool, n = self.pool["latents"].shape[0], len(caps)
         slots = (self.cursor + torch.arange(n)) % n_pool
-        frames = self.pool["latents"].shape[2]
-        if z.shape[2] != frames:
-            raise RuntimeError(f"refresh clips have {z.shape[2]} latent frames, the pool {frames}")  # pragma: no cover
         self.pool["latents"][slots] = z.to(self.pool["latents"].device)
         if self.pool.get("masks") is not None:
             self.pool["masks"][slots] = m.to(self.pool["masks"].device)

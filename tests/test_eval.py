@@ -102,3 +102,12 @@ def test_paired_difference_and_the_compare_script(tmp_path):
     assert rowwise.returncode == 0 and expected in rowwise.stdout
     missing = compare(f"{tmp_path / 'peers.json'}:z", tmp_path / "b.json")
     assert missing.returncode != 0 and "no bench_peers runs of row 'z'" in missing.stderr
+    # --by-objects: each run's mean adherence and seconds by the caption's number of objects
+    one, two = "a small red circle on a gray background", "a small red circle and a large blue square on a gray background"
+    for name, adh in (("o1", (0.2, 0.4, 0.9)), ("o2", (0.6, 0.8, 0.1))):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [
+            dict({m: v for m in METRICS}, seed=s, caption=c, seconds=sec)
+            for v, s, c, sec in zip(adh, (7, 8, 9), (one, one, two), (1.0, 3.0, 5.0))]}))
+    grouped = subprocess.run([sys.executable, script, tmp_path / "o1.json", tmp_path / "o2.json", "--by-objects"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "| 1 | 2 | 0.300 | 0.700 | 2.0 | 2.0 |" in grouped and "| 2 | 1 | 0.900 | 0.100 | 5.0 | 5.0 |" in grouped
