@@ -139,5 +139,38 @@ def build_config(
     return cfg
 
 
+# Numeric settings that must lie in a range when they are set. None (unset) means the model's default,
+# so a 0 or a negative value must be an error: taken as "unset" it would silently run the default.
+# key -> (lowest allowed, highest allowed or None, what the value is)
+RANGES: dict[str, tuple[float, float | None, str]] = {
+    "fps": (1, None, "frames per second of the output"),
+    "height": (1, None, "pixels"),
+    "width": (1, None, "pixels"),
+    "sampler.steps": (1, None, "sampling steps"),
+    "sampler.shift": (1e-6, None, "the flow-matching sigma shift"),
+    "schedule.causal_block_size": (1, None, "latent frames per chunk"),
+    "schedule.window_blocks": (1, None, "chunks denoised together"),
+    "schedule.window_size": (1, None, "chunks in flight"),
+    "schedule.base_num_frames": (1, None, "video frames per window"),
+    "schedule.overlap_history": (0, None, "video frames"),
+    "schedule.addnoise_condition": (0, 1000, "a timestep"),
+    "kv.budget_frames": (1, None, "latent frames of context"),
+    "kv.context_noise": (0, 1000, "a timestep"),
+}
+
+
+def check_ranges(cfg: GenerateConfig) -> None:
+    """Raises ConfigError naming the first set value that is out of its range (RANGES)."""
+    for key, (lo, hi, what) in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if value < lo or (hi is not None and value > hi):
+            span = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if lo < 1 else f">= {lo:g}")
+            raise ConfigError(f"{key} must be {span} ({what}), got {value:g}; leave it unset for the model's default")
+
+
 def to_dict(cfg: GenerateConfig) -> dict[str, Any]:
     return asdict(cfg)

@@ -22,7 +22,7 @@ from .backbones import CallPlan, WanFamilyBackbone
 from .caching import PolicyContext, guidance_for, make_policy_factory, preset_sampler
 from .caching.base import BackboneProbe
 from .chunk import Chunk
-from .config import GenerateConfig
+from .config import GenerateConfig, check_ranges
 from .decode_worker import Decoded, DecodeWorker
 from .errors import ConfigError, NonFiniteError
 from .kvstore import EVICT_UNITS, KVStore
@@ -103,6 +103,7 @@ class Engine:
         s, tf = self.model.spatial_factor, self.model.temporal_factor
         if cfg.frames < 1:
             raise ConfigError(f"frames must be >= 1, got {cfg.frames}")
+        check_ranges(cfg)
         height = cfg.height or d.get("height", 544)
         width = cfg.width or d.get("width", 960)
         unit = s * tcfg.patch_size[1]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelFolderError, PromptError
+from .errors import ConfigError, ModelFolderError, PromptError
 
 REQUIRED = ("transformer", "vae")
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-df"
@@ -65,14 +65,18 @@ class PromptEncoder:
     max_sequence_length: int
     grammar: str | None = None
 
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def check(self, prompts: list[str]) -> None:
+        """Raises PromptError naming the first bad word, for a model with a prompt grammar."""
         if self.grammar == "shapes-v1":
             from .world.captions import parse_caption
 
             for p in prompts:
                 if p.strip():
-                    parse_caption(p)  # raises PromptError naming the first bad word
+                    parse_caption(p)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        self.check(prompts)
         from diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing import prompt_clean
 
         prompts = [prompt_clean(p) for p in prompts]
@@ -109,6 +113,20 @@ class ModelBundle:
         return 2 ** sum(self.vae.temperal_downsample)
 
 
+def check_device(device: str) -> None:
+    """A clear error for a device this torch cannot use (instead of torch's assertion deep in `.to`)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} needs a CUDA build of torch and a GPU; this torch "
+                              f"({torch.__version__}) sees none. Use device=cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> ModelBundle:
     """Loads a diffusers-layout model folder (default: the embedded shapes model)."""
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
@@ -120,6 +138,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     if dtype not in DTYPES:
         raise ModelFolderError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
+    check_device(device)
     transformer_cls = SkyReelsV2Transformer3DModel
     if index.get("transformer", [None, None])[1] == "WanTransformer3DModel":
         raise ModelFolderError(

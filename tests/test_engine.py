@@ -1,6 +1,7 @@
 """Engine behaviour on a tiny random model: streaming, lengths, errors, KV budgets."""
 import numpy as np
 import pytest
+import torch
 
 from arvideo.config import build_config
 from arvideo.engine import Engine
@@ -160,6 +161,40 @@ def test_chunks_decoding_when_generation_fails_are_still_handed_out(engine, monk
             got.append(c)
     # staggered by one step: chunk n finishes on call n + 3, so chunks 0-3 were done before the NaN of call 7
     assert [c.index for c in got] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.steps=0", "sampler.steps must be >= 1"),
+    ("kv.budget_frames=0", "kv.budget_frames must be >= 1"),
+    ("schedule.causal_block_size=0", "schedule.causal_block_size must be >= 1"),
+    ("schedule.window_blocks=0", "schedule.window_blocks must be >= 1"),
+    ("fps=0", "fps must be >= 1"),
+    ("height=-8", "height must be >= 1"),
+    ("sampler.shift=0", "sampler.shift must be > 0"),
+    ("kv.context_noise=-5", r"kv.context_noise must be in \[0, 1000\]"),
+    ("schedule.addnoise_condition=1001", r"schedule.addnoise_condition must be in \[0, 1000\]"),
+])
+def test_out_of_range_settings_are_errors_not_defaults(engine, override, message):
+    # a 0 must not read as "unset" (which would silently run the model's default)
+    with pytest.raises(ConfigError, match=message):
+        engine.resolve(build_config(prompt=CAPTION, frames=9, overrides=[override]))
+
+
+def test_settings_at_their_range_edges_resolve(engine):
+    r = engine.resolve(build_config(prompt=CAPTION, frames=9, overrides=[
+        "sampler.steps=1", "kv.budget_frames=1", "kv.context_noise=0", "schedule.addnoise_condition=1000", "fps=1"]))
+    assert r.steps == 1 and r.cfg.kv.budget_frames == 1 and r.context_noise == 0.0 and r.fps == 1
+
+
+def test_unusable_device_is_a_config_error():
+    from arvideo.model import check_device
+
+    check_device("cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        check_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA build of torch"):
+            check_device("cuda")
 
 
 def test_bad_input_errors_say_what_to_change(engine, tmp_path):
