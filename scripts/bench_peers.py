@@ -295,7 +295,7 @@ def _arvideo_child(spec: dict, t_spawn: float) -> dict:
                        # the row's sampler (run_main picks it): a cached row's PSNR is taken against the
                        # uncached row on the same sampler, so that it measures the cache alone
                        overrides=[f"sampler.steps={spec['steps']}", f"sampler.name={spec['sampler']}",
-                                  f"cache.preset={spec['cache']}"])
+                                  f"cache.preset={spec['cache']}", *spec.get("arvideo_set", [])])
     side = NpySink(spec["npy"])  # for fidelity and world metrics: its time is taken out of every figure
     aux = aux_cpu = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -611,7 +611,8 @@ def _log(text: str) -> None:
 
 
 def _base_spec(args, s: dict, frames: int) -> dict:
-    return {"model": str(args.model), "threads": args.threads, "frames": frames, **{k: s[k] for k in (
+    return {"model": str(args.model), "threads": args.threads, "frames": frames,
+            "arvideo_set": list(args.arvideo_set or []), **{k: s[k] for k in (
         "steps", "guidance_scale", "fps", "height", "width", "causal_block_size", "base_num_frames",
         "overlap_history", "addnoise_condition", "ar_step", "max_sequence_length", "prompt_grammar",
         "negative_prompt")}}
@@ -745,6 +746,8 @@ def main(argv: list[str] | None = None, prog: str = "python scripts/bench_peers.
                    help="instead: peak RSS of diffusers and arvideo-fast at these frame counts (one caption)")
     p.add_argument("--quick", action="store_true", help="smoke run: 48 frames, 1 caption, 4 steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
+    p.add_argument("--arvideo-set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="config overrides for every arvideo row, e.g. kv.pool_width=7 (the default before session 17)")
     p.add_argument("--out-json", default=str(JSON))
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--keep-videos", default=None, metavar="DIR", help="keep every row's mp4 (and npy) here")

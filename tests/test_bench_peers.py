@@ -148,3 +148,19 @@ def test_gpu_end_to_end_script_runs_every_row_on_a_tiny_model_on_the_cpu(tmp_pat
     assert rows["diffusers"]["model_calls"] > full["model_calls"]  # cond and uncond calls, re-denoised overlap
     text = doc.read_text()
     assert text.count("(TINY) | cpu |") == 3 and "<!-- bench:gpu-e2e -->" in text
+
+
+def test_bench_peers_arvideo_set_reaches_every_arvideo_row_only(model, tmp_path):
+    # --arvideo-set overrides the arvideo rows' config (how a table measured under an older default is
+    # reproduced); the diffusers rows do not see it
+    bench = _script()
+    calls = {}
+    for extra in ([], ["--arvideo-set", "sampler.steps=4"]):
+        out, doc = tmp_path / f"peers{len(extra)}.json", tmp_path / f"b{len(extra)}.md"
+        doc.write_text("<!-- peers:start -->\n<!-- peers:end -->\n")
+        assert bench.main(["--in-process", "--model", str(model), "--frames", "16", "--captions", "1", "--steps", "12",
+                           "--rows", "diffusers,arvideo-full", *extra, "--out-json", str(out), "--doc", str(doc)]) == 0
+        rows = {r["row"]: r for r in json.loads(out.read_text())["cpu"]["rows"]}
+        calls[len(extra)] = (rows["diffusers"]["model_calls"], rows["arvideo-full"]["model_calls"])
+    assert calls[2][0] == calls[0][0]  # diffusers: unchanged
+    assert calls[2][1] * 3 == calls[0][1]  # arvideo: 4 steps instead of 12
