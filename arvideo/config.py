@@ -51,7 +51,7 @@ class KVConfig:
     context_noise: float | None = None  # timestep (0..1000) finished chunks are re-run at
     positions: str | None = None  # absolute | reindexed (cached frames re-positioned by rank); model default, else reindexed
     score_lambda: float = 0.07  # scored: weight of importance against redundancy
-    pool_width: int = 7  # scored: max-pool width of importance along token order
+    pool_width: int | None = None  # scored: max-pool width of importance along token order (model default, else 7)
     queries: str = "chunk"  # scored: chunk (every query being denoised) | last-frame (their last latent frame)
     protect_sink: bool = True  # scored: always keep the first chunk
     protect_recent: bool = True  # scored: always keep the most recently committed chunk

@@ -25,7 +25,7 @@ from .chunk import Chunk
 from .config import GenerateConfig, check_ranges
 from .decode_worker import Decoded, DecodeWorker
 from .errors import ConfigError, NonFiniteError
-from .kvstore import EVICT_UNITS, KVStore
+from .kvstore import DEFAULT_POOL_WIDTH, EVICT_UNITS, KVStore
 from .model import DTYPES, ModelBundle, load_model, require_prompt_encoder
 from .samplers import Sampler
 from .schedules import build_schedule
@@ -134,6 +134,8 @@ class Engine:
             policy=cfg.kv.policy or d.get("kv_policy", "full"),
             budget_frames=cfg.kv.budget_frames or d.get("kv_window_latent_frames"),
             context_noise=cfg.kv.context_noise if cfg.kv.context_noise is not None else d.get("context_noise", 0.0),
+            pool_width=cfg.kv.pool_width if cfg.kv.pool_width is not None
+            else d.get("kv_pool_width", DEFAULT_POOL_WIDTH),
         )
         if kv.commit not in ("clean", "last-step"):
             raise ConfigError(f"kv.commit must be 'clean' or 'last-step', got {kv.commit!r}")

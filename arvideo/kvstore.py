@@ -32,6 +32,7 @@ POSITION_MODES = ("absolute", "reindexed")
 QUERY_MODES = ("chunk", "last-frame", "commit", "commit-last-frame")
 EVICT_UNITS = ("token", "frame")
 DEFAULT_KV_POSITIONS = "reindexed"  # kv.positions when neither the request nor the model folder sets it
+DEFAULT_POOL_WIDTH = 7  # kv.pool_width when neither the request nor the model folder sets it (methods.md)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ScoredEviction:
     """Options of the `scored` policy (methods.md section 3)."""
 
     lam: float = 0.07  # weight of importance against redundancy
-    pool_width: int = 7  # max-pool of importance along token order
+    pool_width: int = DEFAULT_POOL_WIDTH  # max-pool of importance along token order
     # chunk: every query of the chunks being denoised; last-frame: their last latent frame;
     # commit / commit-last-frame: the same for the chunks being committed (their clean re-run)
     queries: str = "chunk"

@@ -57,6 +57,7 @@ def arvideo_defaults(args, df_ck: dict) -> dict:
         "window_blocks": args.window_blocks,
         "kv_policy": args.kv_policy,
         "kv_positions": args.kv_positions,
+        "kv_pool_width": args.kv_pool_width,
     }
 
 
@@ -78,6 +79,9 @@ def main() -> None:
     p.add_argument("--kv-positions", default="reindexed", choices=["absolute", "reindexed"],
                    help="arvideo.json: default rotary positions of cached frames (chosen by the 2,000-frame "
                    "measurement in docs/kvstore.md)")
+    p.add_argument("--kv-pool-width", type=int, default=15,
+                   help="arvideo.json: scored eviction's max-pool width of importance along token order (15 chosen "
+                   "on development captions, session 17, docs/kvstore.md; the engine's default without it is 7)")
     p.add_argument("--verify", action="store_true", help="reload the folder and generate a 15-frame video")
     p.add_argument("--eval", action="store_true",
                    help="reload the folder and score the training-time evaluation videos (train_transformer.py protocol)")

@@ -446,6 +446,20 @@ def test_model_folder_sets_the_default_positions_and_a_request_overrides_them(tm
     assert np.array_equal(from_re, run(ab, "kv.positions=reindexed"))
 
 
+def test_model_folder_sets_the_default_pool_width_and_a_request_overrides_it(tmp_path):
+    # the embedded model's arvideo.json sets kv_pool_width (15, measured in docs/kvstore.md); a folder
+    # without it gets methods.md's 7; kv.pool_width on the request wins; and the width reaches the store
+    kv = {"kv_policy": "scored", "kv_window_latent_frames": 4}
+    wide = Engine(load_model(save_tiny_model_folder(tmp_path / "wide", defaults=dict(kv, kv_pool_width=15))))
+    plain = Engine(load_model(save_tiny_model_folder(tmp_path / "plain", defaults=kv)))
+    cfg = dict(prompt=CAPTION, frames=29, seed=3)
+    assert wide.resolve(build_config(**cfg)).cfg.kv.pool_width == 15
+    assert plain.resolve(build_config(**cfg)).cfg.kv.pool_width == 7
+    assert wide.resolve(build_config(**cfg, overrides=["kv.pool_width=3"])).cfg.kv.pool_width == 3
+    r = wide.resolve(build_config(**cfg))
+    assert wide._make_store(r, wide.make_schedule(r), 2).scoring.pool_width == 15
+
+
 @pytest.mark.parametrize("policy", ["window", "full"])
 def test_window_and_full_videos_do_not_depend_on_the_positions_scheme(folder, policy):
     # window keeps contiguous recent frames (rank = own position) and full evicts nothing, so

@@ -46,6 +46,7 @@ def test_vae_transformer_init_resume_export_then_load(tmp_path):
 
     defaults = json.loads((model / "arvideo.json").read_text())
     assert defaults["trained_steps"] == 2 + 3  # the --init run's steps count too
+    assert defaults["kv_pool_width"] == 15 and defaults["kv_policy"] == "scored"
     from diffusers import SkyReelsV2DiffusionForcingPipeline
 
     pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(model)
