@@ -184,8 +184,7 @@ def cmd_generate(args) -> int:
     resolved = engine.resolve(cfg)  # validate everything before any file is touched
     engine.make_schedule(resolved)
     sections = engine.section_plan(resolved)
-    if engine.model.prompt_encoder is not None:
-        engine.model.prompt_encoder.check(list(sections.prompts) + ([resolved.cfg.negative_prompt] if resolved.guidance > 1 else []))
+    engine.check_prompts(resolved, sections)
     if sections.sectioned and not args.quiet:
         starts = sections.switch_frames()
         print("prompt sections: " + "; ".join(f"from frame {f}: {p!r}" for f, p in zip(starts, sections.prompts)),

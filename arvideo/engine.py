@@ -190,7 +190,7 @@ class Engine:
         prompts = list(sections.prompts) if sections is not None else [r.cfg.prompt]
         if prompt_embeds is None:
             enc = require_prompt_encoder(self.model)
-            embeds = enc(prompts + ([r.cfg.negative_prompt] if r.guidance > 1 else []), device, dtype)
+            embeds = enc(self._encoded_prompts(r, sections), device, dtype)
             prompt_embeds, negative_prompt_embeds = embeds[: len(prompts)], embeds[len(prompts):] if r.guidance > 1 else None
         elif len(prompts) > 1:
             raise ConfigError("prompt sections need the model's prompt encoder: pass prompts, not prompt_embeds")
@@ -202,6 +202,17 @@ class Engine:
             text = cond if r.guidance <= 1 else torch.cat([cond, negative_prompt_embeds])
             texts.append(self.backbone.prepare_text(text.to(device=device, dtype=dtype)))
         return texts
+
+    @staticmethod
+    def _encoded_prompts(r: Resolved, sections: SectionPlan | None) -> list[str]:
+        """The prompts the text encoder sees: one per section, then the negative one under guidance."""
+        prompts = list(sections.prompts) if sections is not None else [r.cfg.prompt]
+        return prompts + ([r.cfg.negative_prompt] if r.guidance > 1 else [])
+
+    def check_prompts(self, r: Resolved, sections: SectionPlan | None = None) -> None:
+        """Raises PromptError for a prompt the model's grammar cannot parse, before any work starts."""
+        if self.model.prompt_encoder is not None:
+            self.model.prompt_encoder.check(self._encoded_prompts(r, sections))
 
     @staticmethod
     def _guide(v: torch.Tensor, r: Resolved) -> torch.Tensor:
