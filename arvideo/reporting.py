@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -33,3 +34,8 @@ def device_line() -> str:
     except OSError:
         pass
     return f"CPU {cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32"
+
+
+def measured_line() -> str:
+    """`Measured <UTC date and time> on <device_line()>`: how a CPU benchmark table starts."""
+    return f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {device_line()}"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from arvideo.config import build_config  # noqa: E402
 from arvideo.engine import Engine  # noqa: E402
-from arvideo.reporting import device_line, write_marked_section  # noqa: E402
+from arvideo.reporting import measured_line, write_marked_section  # noqa: E402
 
 
 def compile_blocks(engine: Engine) -> int:
@@ -76,7 +76,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = [e / c for e, c in zip(times["eager"], times["compiled"])]
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {device_line()}; "
+        measured_line() + f"; "
         f"`python scripts/bench_compile.py --frames {args.frames} --repeat {args.repeat}"
         + (" " + " ".join(args.overrides) if args.overrides else "") + "`",
         "",

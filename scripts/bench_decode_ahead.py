@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arvideo.reporting import device_line, write_marked_section  # noqa: E402
+from arvideo.reporting import measured_line, write_marked_section  # noqa: E402
 
 PROMPT = "a small red circle, a large blue square and a medium white triangle on a gray background"
 
@@ -60,7 +60,7 @@ def main() -> None:
         same = np.array_equal(np.load(outs[False]), np.load(outs[True]))
     ratios = [a / b for a, b in zip(times[False], times[True])]
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {device_line()}; "
+        measured_line() + f"; "
         f"`python scripts/bench_decode_ahead.py --frames {args.frames} --cache {args.cache} --repeat {args.repeat}`",
         "",
         f"`arvideo generate --frames {args.frames} --cache {args.cache}` (shipped model), whole process, "

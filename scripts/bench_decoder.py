@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arvideo.reporting import device_line, write_marked_section  # noqa: E402
+from arvideo.reporting import measured_line, write_marked_section  # noqa: E402
 from arvideo.vae import StreamingDecoder, denormalise_latents, use_fast_cpu_path  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     frames = outputs["torch"].shape[2]
     base = statistics.median(times["torch"])
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {device_line()}; "
+        measured_line() + f"; "
         f"`python scripts/bench_decoder.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         f"VAE of `{Path(args.model).name}`, {args.latent_frames} random latent frames ({frames} frames of "

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from arvideo.config import PromptSection, build_config  # noqa: E402
 from arvideo.engine import Engine  # noqa: E402
 from arvideo.evaluate import heldout_captions  # noqa: E402
-from arvideo.reporting import device_line, write_marked_section  # noqa: E402
+from arvideo.reporting import measured_line, write_marked_section  # noqa: E402
 from arvideo.sections import first_video_frame  # noqa: E402
 from arvideo.world.metrics import paired_difference, score_video  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> None:
     lines = [
         f"Command: `{' '.join(['python scripts/bench_sections.py', *sys.argv[1:]])}`",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {device_line()}; model "
+        measured_line() + f"; model "
         f"{args.model or 'models/shapes-df'}, {settings}; {args.pairs} caption pairs (A: world seeds {args.seed}.."
         f"{args.seed + args.pairs - 1}, B: {args.seed + args.pairs}..{args.seed + 2 * args.pairs - 1}), "
         f"{args.frames} frames, B asked from frame {args.switch} (lands on frame {rows[0]['switch']}); "
